@@ -1,0 +1,161 @@
+"""Per-run accounting and hard budgets.
+
+A run is opened with limits (``run_open``); every ``complete`` carrying its id, from any process
+and any depth, is checked before it is sent and counted when it ends. A call is reserved at
+admission, so ``max_calls`` holds exactly even with thousands in flight. Token and cost limits
+are checked against what finished calls spent; calls already in flight when a limit is reached
+may overshoot it by their own usage, and the request's ``max_tokens`` is clamped to the output
+tokens left so a single call cannot blow far past ``max_output_tokens``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from protocol import RunLimits, RunUsage, Usage
+
+__all__ = ["BudgetExceeded", "Run", "RunClosed", "RunTable"]
+
+# Closed runs are remembered so late sub-calls get `run_closed`, and so `usage` still answers.
+MAX_CLOSED_RUNS = 10_000
+
+
+class BudgetExceeded(Exception):
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class RunClosed(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Run:
+    id: str
+    limits: RunLimits = field(default_factory=RunLimits)
+    opened: float = field(default_factory=time.monotonic)
+    calls: int = 0
+    cached_calls: int = 0
+    failed_calls: int = 0
+    in_flight: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    closed: bool = False
+    exceeded: str | None = None
+
+    def _refuse(self, limit: str, message: str) -> BudgetExceeded:
+        if self.exceeded is None:
+            self.exceeded = limit
+        return BudgetExceeded(limit, f"run {self.id!r}: {message}")
+
+    def admit(self) -> None:
+        """Check the limits and reserve one call, or raise ``BudgetExceeded``/``RunClosed``."""
+        if self.closed:
+            raise RunClosed(f"run {self.id!r} is closed")
+        lim = self.limits
+        if lim.deadline_s is not None and time.monotonic() - self.opened >= lim.deadline_s:
+            raise self._refuse("deadline_s", f"deadline of {lim.deadline_s:g} s has passed")
+        if lim.max_calls is not None and self.calls >= lim.max_calls:
+            raise self._refuse("max_calls", f"call limit of {lim.max_calls} reached")
+        if lim.max_input_tokens is not None and self.usage.input_tokens >= lim.max_input_tokens:
+            raise self._refuse(
+                "max_input_tokens",
+                f"input token limit of {lim.max_input_tokens} reached ({self.usage.input_tokens} used)",
+            )
+        if lim.max_output_tokens is not None and self.usage.output_tokens >= lim.max_output_tokens:
+            raise self._refuse(
+                "max_output_tokens",
+                f"output token limit of {lim.max_output_tokens} reached ({self.usage.output_tokens} used)",
+            )
+        if lim.max_cost_usd is not None and self.cost_usd >= lim.max_cost_usd:
+            raise self._refuse(
+                "max_cost_usd",
+                f"cost limit of ${lim.max_cost_usd:g} reached (${self.cost_usd:.6g} spent)",
+            )
+        self.calls += 1
+        self.in_flight += 1
+
+    def admit_cached(self) -> None:
+        """A cache hit is free: it needs an open run but spends nothing."""
+        if self.closed:
+            raise RunClosed(f"run {self.id!r} is closed")
+        self.cached_calls += 1
+
+    def clamp_max_tokens(self, max_tokens: int) -> int:
+        if self.limits.max_output_tokens is None:
+            return max_tokens
+        return max(1, min(max_tokens, self.limits.max_output_tokens - self.usage.output_tokens))
+
+    def remaining_s(self) -> float | None:
+        if self.limits.deadline_s is None:
+            return None
+        return max(0.0, self.limits.deadline_s - (time.monotonic() - self.opened))
+
+    def finish(self, usage: Usage | None, cost_usd: float) -> None:
+        """Account one admitted call; ``usage=None`` for a call that failed."""
+        self.in_flight -= 1
+        if usage is None:
+            self.failed_calls += 1
+            return
+        self.usage = self.usage + usage
+        self.cost_usd += cost_usd
+
+    def snapshot(self) -> RunUsage:
+        return RunUsage(
+            run=self.id,
+            calls=self.calls,
+            cached_calls=self.cached_calls,
+            failed_calls=self.failed_calls,
+            usage=self.usage,
+            cost_usd=round(self.cost_usd, 9),
+            elapsed_s=round(time.monotonic() - self.opened, 6),
+            limits=self.limits,
+            closed=self.closed,
+            exceeded=self.exceeded,
+        )
+
+
+class RunTable:
+    """Open runs, and a bounded memory of closed ones."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, Run] = {}
+        self.closed: OrderedDict[str, Run] = OrderedDict()
+
+    def open_run(self, run_id: str, limits: RunLimits) -> Run:
+        """Open a run, or update the limits of an open one (a run first seen through a sub-call
+        is opened implicitly without limits)."""
+        self.closed.pop(run_id, None)
+        run = self.open.get(run_id)
+        if run is None:
+            run = self.open[run_id] = Run(run_id, limits)
+        else:
+            run.limits = limits
+        return run
+
+    def get(self, run_id: str) -> Run:
+        """The run a call belongs to; unknown ids are opened without limits so usage is counted."""
+        run = self.open.get(run_id)
+        if run is not None:
+            return run
+        run = self.closed.get(run_id)
+        if run is not None:
+            return run
+        run = self.open[run_id] = Run(run_id)
+        return run
+
+    def find(self, run_id: str) -> Run | None:
+        return self.open.get(run_id) or self.closed.get(run_id)
+
+    def close(self, run_id: str) -> Run | None:
+        run = self.open.pop(run_id, None)
+        if run is None:
+            return self.closed.get(run_id)
+        run.closed = True
+        self.closed[run_id] = run
+        while len(self.closed) > MAX_CLOSED_RUNS:
+            self.closed.popitem(last=False)
+        return run

@@ -1,0 +1,94 @@
+"""The small interface every model backend implements, and the errors backends raise.
+
+A backend turns one ``BackendRequest`` into one ``Completion`` or raises ``BackendError``.
+Usage travels inside each ``Completion`` (never as shared "last usage" state), so concurrent
+calls cannot mix up their accounting. Retries, budgets, caching and pacing live in the handler,
+not here: a backend makes exactly one attempt per call (SDK retries are switched off).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from protocol import ChatMessage, ErrorCode, Usage
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendRequest",
+    "Completion",
+    "estimate_tokens",
+]
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (4 characters a token) for when no provider count exists."""
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRequest:
+    """One call as a backend sees it. ``model`` is the provider's model name, not the alias."""
+
+    model: str
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int
+    temperature: float | None = None
+    timeout_s: float | None = None
+    run: str | None = None
+
+    @property
+    def system(self) -> str | None:
+        """All system messages joined, for APIs that take the system prompt apart."""
+        parts = [m.content for m in self.messages if m.role == "system"]
+        return "\n\n".join(parts) if parts else None
+
+    @property
+    def chat(self) -> tuple[ChatMessage, ...]:
+        """The messages without system messages."""
+        return tuple(m for m in self.messages if m.role != "system")
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    model: str
+    usage: Usage
+    stop_reason: str | None = None
+
+
+class BackendError(Exception):
+    """One failed attempt, already mapped to a wire error code.
+
+    ``retry_after_s`` carries the provider's Retry-After when it sent one; ``status`` the HTTP
+    status when there was one (for stats and logs).
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after_s: float | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+
+class Backend(ABC):
+    """A model provider. One instance serves every call to one model alias, concurrently."""
+
+    @abstractmethod
+    async def complete(self, request: BackendRequest) -> Completion:
+        """Make one attempt; raise ``BackendError`` on any failure."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release connections. Called once at shutdown."""

@@ -1,0 +1,74 @@
+"""A bounded in-memory response cache per model, keyed on the request's content.
+
+Identical requests in flight at the same time are coalesced: the first one goes to the backend,
+the others wait for its result (single flight), so a burst of duplicates costs one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import OrderedDict
+
+from protocol import ChatMessage, pack
+
+from .backends.base import Completion
+
+__all__ = ["ResponseCache", "cache_key"]
+
+
+def cache_key(
+    model: str, messages: tuple[ChatMessage, ...], max_tokens: int, temperature: float | None
+) -> bytes:
+    payload = pack(
+        {
+            "model": model,
+            "messages": [(m.role, m.content) for m in messages],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+    )
+    return hashlib.blake2b(payload, digest_size=20).digest()
+
+
+class ResponseCache:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[bytes, Completion] = OrderedDict()
+        self._in_flight: dict[bytes, asyncio.Future[Completion]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes) -> Completion | None:
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return hit
+
+    def pending(self, key: bytes) -> asyncio.Future[Completion] | None:
+        """The future of an identical request already in flight, if any."""
+        return self._in_flight.get(key)
+
+    def begin(self, key: bytes) -> asyncio.Future[Completion]:
+        self.misses += 1
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        return future
+
+    def end(self, key: bytes, result: Completion | None) -> None:
+        """Finish a call begun with ``begin``: store and share its result, or let waiters retry."""
+        future = self._in_flight.pop(key, None)
+        if result is not None:
+            self._entries[key] = result
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        if future is not None and not future.done():
+            if result is not None:
+                future.set_result(result)
+            else:
+                future.cancel()

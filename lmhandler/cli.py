@@ -1,0 +1,69 @@
+"""``rlmq handler``: run the handler in the foreground until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+
+from .config import ConfigError, load_config
+from .server import Handler
+
+__all__ = ["add_arguments", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default="rlmq.toml", help="TOML file with [models.*] (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--bind",
+        default=None,
+        help="address to listen on, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/rlmq.sock "
+        "(default: [handler] bind in the config, else tcp://127.0.0.1:5555); port 0 picks a free port",
+    )
+    parser.add_argument(
+        "--grace-s",
+        type=float,
+        default=None,
+        help="seconds in-flight calls may finish after SIGTERM (default: 10)",
+    )
+
+
+async def _serve(handler: Handler) -> None:
+    await handler.start()
+    # The one line scripts wait for: the address is final only after bind.
+    print(f"lmhandler ready on {handler.address}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received, shutting down")
+    await handler.stop()
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc.message)
+        return 2
+    if args.bind:
+        config = dataclasses.replace(config, bind=args.bind)
+    if args.grace_s is not None:
+        config = dataclasses.replace(config, shutdown_grace_s=args.grace_s)
+    try:
+        handler = Handler(config)
+        asyncio.run(_serve(handler))
+    except ConfigError as exc:
+        log.error("%s", exc.message)
+        return 2
+    except OSError as exc:
+        log.error("cannot start the handler on %s: %s", config.bind, exc)
+        return 1
+    return 0

@@ -1,0 +1,47 @@
+"""Client-side pacing to a provider's limits: requests per minute and tokens per minute.
+
+A token bucket refilled continuously; a bucket may go into debt (a call larger than the burst
+still goes, later calls wait it off), and ``adjust`` corrects an estimate once the real usage is
+known. Waiters are served in arrival order so a burst of thousands drains at the set rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+__all__ = ["TokenBucket"]
+
+
+class TokenBucket:
+    def __init__(self, per_minute: float, *, burst_s: float = 1.0) -> None:
+        self.rate = per_minute / 60.0
+        # A burst of one second's worth (at least one unit) keeps the provider's per-second
+        # limiter happy while a full minute's allowance is still usable over the minute.
+        self.capacity = max(1.0, self.rate * burst_s)
+        self.level = self.capacity
+        self.updated = time.monotonic()
+        self._lock = asyncio.Lock()
+        self.waiting = 0
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+
+    async def acquire(self, amount: float = 1.0) -> None:
+        self.waiting += 1
+        try:
+            async with self._lock:  # FIFO: asyncio.Lock wakes waiters in order
+                self._refill()
+                while self.level < min(amount, self.capacity):
+                    await asyncio.sleep((min(amount, self.capacity) - self.level) / self.rate)
+                    self._refill()
+                self.level -= amount
+        finally:
+            self.waiting -= 1
+
+    def adjust(self, delta: float) -> None:
+        """Charge (positive) or refund (negative) the difference between estimate and actual."""
+        self._refill()
+        self.level = min(self.capacity, self.level - delta)

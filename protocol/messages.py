@@ -1,0 +1,530 @@
+"""Typed messages of the handler wire protocol, version 1 (docs/protocol.md).
+
+Every request and reply is a frozen dataclass. ``to_wire`` gives the msgpack map; ``from_wire``
+validates a decoded map once and raises ``DecodeError`` naming the field that is missing or
+mistyped. Dicts do not travel past this module: code above it sees dataclasses only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from .errors import DecodeError, ErrorCode
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ChatMessage",
+    "CompleteReply",
+    "CompleteRequest",
+    "ErrorReply",
+    "PingRequest",
+    "PongReply",
+    "Reply",
+    "Request",
+    "RunCloseRequest",
+    "RunLimits",
+    "RunOpenRequest",
+    "RunUsage",
+    "RunUsageReply",
+    "StatsReply",
+    "StatsRequest",
+    "Usage",
+    "UsageRequest",
+]
+
+PROTOCOL_VERSION = 1
+
+T = TypeVar("T")
+Wire = dict[str, Any]
+
+
+# ---------------------------------------------------------------- field readers
+
+
+def _field(d: Mapping[str, Any], key: str, kinds: tuple[type, ...], what: str, rid: str | None) -> Any:
+    if key not in d:
+        raise DecodeError(f"missing field {key!r}", request_id=rid)
+    value = d[key]
+    # bool is an int in Python; a wire bool is never a number.
+    if isinstance(value, bool) and bool not in kinds:
+        raise DecodeError(f"field {key!r} must be {what}, got bool", request_id=rid)
+    if not isinstance(value, kinds):
+        raise DecodeError(f"field {key!r} must be {what}, got {type(value).__name__}", request_id=rid)
+    return value
+
+
+def _opt(d: Mapping[str, Any], key: str, kinds: tuple[type, ...], what: str, rid: str | None) -> Any:
+    if d.get(key) is None:
+        return None
+    return _field(d, key, kinds, what, rid)
+
+
+def _str(d: Mapping[str, Any], key: str, rid: str | None) -> str:
+    value: str = _field(d, key, (str,), "a string", rid)
+    return value
+
+
+def _opt_str(d: Mapping[str, Any], key: str, rid: str | None) -> str | None:
+    value: str | None = _opt(d, key, (str,), "a string", rid)
+    return value
+
+
+def _opt_int(d: Mapping[str, Any], key: str, rid: str | None, *, minimum: int = 0) -> int | None:
+    value: int | None = _opt(d, key, (int,), "an integer", rid)
+    if value is not None and value < minimum:
+        raise DecodeError(f"field {key!r} must be >= {minimum}, got {value}", request_id=rid)
+    return value
+
+
+def _opt_float(d: Mapping[str, Any], key: str, rid: str | None) -> float | None:
+    value: int | float | None = _opt(d, key, (int, float), "a number", rid)
+    if value is None:
+        return None
+    if value < 0:
+        raise DecodeError(f"field {key!r} must be >= 0, got {value}", request_id=rid)
+    return float(value)
+
+
+def _drop_none(d: Wire) -> Wire:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+# ---------------------------------------------------------------- shared values
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+    ROLES: ClassVar[frozenset[str]] = frozenset({"system", "user", "assistant"})
+
+    def to_wire(self) -> Wire:
+        return {"role": self.role, "content": self.content}
+
+    @classmethod
+    def from_wire(cls, d: Any, rid: str | None, index: int) -> ChatMessage:
+        if not isinstance(d, Mapping):
+            raise DecodeError(f"messages[{index}] must be a map", request_id=rid)
+        role = _field(d, "role", (str,), "a string", rid)
+        content = _field(d, "content", (str,), "a string", rid)
+        if role not in cls.ROLES:
+            raise DecodeError(
+                f"messages[{index}].role must be one of system, user, assistant; got {role!r}",
+                request_id=rid,
+            )
+        return cls(role, content)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens of one call. ``input_tokens`` counts every prompt token, cached ones included;
+    ``cache_read_tokens`` and ``cache_write_tokens`` are the parts of it read from or written to
+    the provider's prompt cache."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    def to_wire(self) -> Wire:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Any, rid: str | None = None) -> Usage:
+        if not isinstance(d, Mapping):
+            raise DecodeError("usage must be a map", request_id=rid)
+        return cls(
+            input_tokens=_opt_int(d, "input_tokens", rid) or 0,
+            output_tokens=_opt_int(d, "output_tokens", rid) or 0,
+            cache_read_tokens=_opt_int(d, "cache_read_tokens", rid) or 0,
+            cache_write_tokens=_opt_int(d, "cache_write_tokens", rid) or 0,
+        )
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_read_tokens + other.cache_read_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunLimits:
+    """Hard limits of a run; ``None`` means unlimited. ``deadline_s`` counts from ``run_open``."""
+
+    max_calls: int | None = None
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    max_cost_usd: float | None = None
+    deadline_s: float | None = None
+
+    def to_wire(self) -> Wire:
+        return _drop_none(
+            {
+                "max_calls": self.max_calls,
+                "max_input_tokens": self.max_input_tokens,
+                "max_output_tokens": self.max_output_tokens,
+                "max_cost_usd": self.max_cost_usd,
+                "deadline_s": self.deadline_s,
+            }
+        )
+
+    @classmethod
+    def from_wire(cls, d: Any, rid: str | None = None) -> RunLimits:
+        if d is None:
+            return cls()
+        if not isinstance(d, Mapping):
+            raise DecodeError("limits must be a map", request_id=rid)
+        unknown = set(d) - {
+            "max_calls",
+            "max_input_tokens",
+            "max_output_tokens",
+            "max_cost_usd",
+            "deadline_s",
+        }
+        if unknown:
+            raise DecodeError(f"unknown limit(s): {', '.join(sorted(map(str, unknown)))}", request_id=rid)
+        return cls(
+            max_calls=_opt_int(d, "max_calls", rid),
+            max_input_tokens=_opt_int(d, "max_input_tokens", rid),
+            max_output_tokens=_opt_int(d, "max_output_tokens", rid),
+            max_cost_usd=_opt_float(d, "max_cost_usd", rid),
+            deadline_s=_opt_float(d, "deadline_s", rid),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunUsage:
+    """What a run has spent so far, as the handler counted it."""
+
+    run: str
+    calls: int
+    cached_calls: int
+    failed_calls: int
+    usage: Usage
+    cost_usd: float
+    elapsed_s: float
+    limits: RunLimits
+    closed: bool
+    exceeded: str | None = None  # the first limit that refused a call, if any
+
+    def to_wire(self) -> Wire:
+        return {
+            "run": self.run,
+            "calls": self.calls,
+            "cached_calls": self.cached_calls,
+            "failed_calls": self.failed_calls,
+            "usage": self.usage.to_wire(),
+            "cost_usd": self.cost_usd,
+            "elapsed_s": self.elapsed_s,
+            "limits": self.limits.to_wire(),
+            "closed": self.closed,
+            "exceeded": self.exceeded,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Any, rid: str | None = None) -> RunUsage:
+        if not isinstance(d, Mapping):
+            raise DecodeError("run usage must be a map", request_id=rid)
+        return cls(
+            run=_str(d, "run", rid),
+            calls=_opt_int(d, "calls", rid) or 0,
+            cached_calls=_opt_int(d, "cached_calls", rid) or 0,
+            failed_calls=_opt_int(d, "failed_calls", rid) or 0,
+            usage=Usage.from_wire(d.get("usage", {}), rid),
+            cost_usd=_opt_float(d, "cost_usd", rid) or 0.0,
+            elapsed_s=_opt_float(d, "elapsed_s", rid) or 0.0,
+            limits=RunLimits.from_wire(d.get("limits"), rid),
+            closed=bool(d.get("closed", False)),
+            exceeded=_opt_str(d, "exceeded", rid),
+        )
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteRequest:
+    id: str
+    model: str
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    timeout_s: float | None = None
+    run: str | None = None
+    depth: int = 0
+
+    OP: ClassVar[str] = "complete"
+
+    def to_wire(self) -> Wire:
+        return _drop_none(
+            {
+                "v": PROTOCOL_VERSION,
+                "op": self.OP,
+                "id": self.id,
+                "model": self.model,
+                "messages": [m.to_wire() for m in self.messages],
+                "max_tokens": self.max_tokens,
+                "temperature": self.temperature,
+                "timeout_s": self.timeout_s,
+                "run": self.run,
+                "depth": self.depth,
+            }
+        )
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], rid: str) -> CompleteRequest:
+        model = _str(d, "model", rid)
+        raw = d.get("messages")
+        if raw is None:
+            prompt = d.get("prompt")
+            if prompt is None:
+                raise DecodeError("complete needs 'messages' or 'prompt'", request_id=rid)
+            if not isinstance(prompt, str):
+                raise DecodeError("field 'prompt' must be a string", request_id=rid)
+            messages: tuple[ChatMessage, ...] = (ChatMessage("user", prompt),)
+        else:
+            if not isinstance(raw, list | tuple):
+                raise DecodeError("field 'messages' must be a list", request_id=rid)
+            messages = tuple(ChatMessage.from_wire(m, rid, i) for i, m in enumerate(raw))
+            if not messages:
+                raise DecodeError("field 'messages' must not be empty", request_id=rid)
+        max_tokens = _opt_int(d, "max_tokens", rid, minimum=1)
+        return cls(
+            id=rid,
+            model=model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=_opt_float(d, "temperature", rid),
+            timeout_s=_opt_float(d, "timeout_s", rid),
+            run=_opt_str(d, "run", rid),
+            depth=_opt_int(d, "depth", rid) or 0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _IdOnly:
+    id: str
+
+    OP: ClassVar[str] = ""
+
+    def to_wire(self) -> Wire:
+        return {"v": PROTOCOL_VERSION, "op": self.OP, "id": self.id}
+
+    @classmethod
+    def from_wire(cls: type[T], d: Mapping[str, Any], rid: str) -> T:
+        return cls(rid)  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True, slots=True)
+class PingRequest(_IdOnly):
+    OP: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest(_IdOnly):
+    OP: ClassVar[str] = "stats"
+
+
+@dataclass(frozen=True, slots=True)
+class RunOpenRequest:
+    id: str
+    run: str
+    limits: RunLimits = field(default_factory=RunLimits)
+
+    OP: ClassVar[str] = "run_open"
+
+    def to_wire(self) -> Wire:
+        return {
+            "v": PROTOCOL_VERSION,
+            "op": self.OP,
+            "id": self.id,
+            "run": self.run,
+            "limits": self.limits.to_wire(),
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], rid: str) -> RunOpenRequest:
+        return cls(rid, _str(d, "run", rid), RunLimits.from_wire(d.get("limits"), rid))
+
+
+@dataclass(frozen=True, slots=True)
+class _RunOnly:
+    id: str
+    run: str
+
+    OP: ClassVar[str] = ""
+
+    def to_wire(self) -> Wire:
+        return {"v": PROTOCOL_VERSION, "op": self.OP, "id": self.id, "run": self.run}
+
+    @classmethod
+    def from_wire(cls: type[T], d: Mapping[str, Any], rid: str) -> T:
+        return cls(rid, _str(d, "run", rid))  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True, slots=True)
+class RunCloseRequest(_RunOnly):
+    OP: ClassVar[str] = "run_close"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRequest(_RunOnly):
+    OP: ClassVar[str] = "usage"
+
+
+Request = CompleteRequest | PingRequest | StatsRequest | RunOpenRequest | RunCloseRequest | UsageRequest
+
+REQUEST_TYPES: dict[str, Callable[[Mapping[str, Any], str], Request]] = {
+    CompleteRequest.OP: CompleteRequest.from_wire,
+    PingRequest.OP: PingRequest.from_wire,
+    StatsRequest.OP: StatsRequest.from_wire,
+    RunOpenRequest.OP: RunOpenRequest.from_wire,
+    RunCloseRequest.OP: RunCloseRequest.from_wire,
+    UsageRequest.OP: UsageRequest.from_wire,
+}
+
+
+# ---------------------------------------------------------------- replies
+
+
+def _ok(rid: str, body: Wire) -> Wire:
+    return {"v": PROTOCOL_VERSION, "id": rid, "ok": True, **body}
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteReply:
+    id: str
+    text: str
+    model: str
+    usage: Usage
+    cached: bool = False
+    retries: int = 0
+    latency_ms: float = 0.0
+    stop_reason: str | None = None
+
+    def to_wire(self) -> Wire:
+        return _ok(
+            self.id,
+            {
+                "text": self.text,
+                "model": self.model,
+                "usage": self.usage.to_wire(),
+                "cached": self.cached,
+                "retries": self.retries,
+                "latency_ms": self.latency_ms,
+                "stop_reason": self.stop_reason,
+            },
+        )
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> CompleteReply:
+        rid = _str(d, "id", None)
+        return cls(
+            id=rid,
+            text=_str(d, "text", rid),
+            model=_str(d, "model", rid),
+            usage=Usage.from_wire(d.get("usage", {}), rid),
+            cached=bool(d.get("cached", False)),
+            retries=_opt_int(d, "retries", rid) or 0,
+            latency_ms=_opt_float(d, "latency_ms", rid) or 0.0,
+            stop_reason=_opt_str(d, "stop_reason", rid),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PongReply:
+    id: str
+    server: str = "rlmq-lmhandler"
+    versions: tuple[int, ...] = (PROTOCOL_VERSION,)
+    models: tuple[str, ...] = ()
+
+    def to_wire(self) -> Wire:
+        return _ok(
+            self.id,
+            {"server": self.server, "versions": list(self.versions), "models": list(self.models)},
+        )
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> PongReply:
+        rid = _str(d, "id", None)
+        return cls(
+            id=rid,
+            server=str(d.get("server", "")),
+            versions=tuple(int(v) for v in d.get("versions", ())),
+            models=tuple(str(m) for m in d.get("models", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReply:
+    """Counters are an open-ended tree of numbers; documented in docs/protocol.md."""
+
+    id: str
+    stats: Mapping[str, Any]
+
+    def to_wire(self) -> Wire:
+        return _ok(self.id, {"stats": dict(self.stats)})
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> StatsReply:
+        rid = _str(d, "id", None)
+        stats = _field(d, "stats", (dict,), "a map", rid)
+        return cls(rid, stats)
+
+
+@dataclass(frozen=True, slots=True)
+class RunUsageReply:
+    """Reply to run_open, run_close and usage."""
+
+    id: str
+    run: RunUsage
+
+    def to_wire(self) -> Wire:
+        return _ok(self.id, {"run": self.run.to_wire()})
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> RunUsageReply:
+        rid = _str(d, "id", None)
+        return cls(rid, RunUsage.from_wire(d.get("run"), rid))
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    id: str | None
+    code: str
+    message: str
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+    def to_wire(self) -> Wire:
+        error: Wire = {"code": str(self.code), "message": self.message, "retryable": self.retryable}
+        if self.retry_after_s is not None:
+            error["retry_after_s"] = self.retry_after_s
+        return {"v": PROTOCOL_VERSION, "id": self.id, "ok": False, "error": error}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> ErrorReply:
+        rid = d.get("id")
+        error = d.get("error")
+        if not isinstance(error, Mapping):
+            raise DecodeError("error reply without an 'error' map")
+        return cls(
+            id=rid if isinstance(rid, str) else None,
+            code=str(error.get("code", ErrorCode.INTERNAL)),
+            message=str(error.get("message", "")),
+            retryable=bool(error.get("retryable", False)),
+            retry_after_s=_opt_float(error, "retry_after_s", None),
+        )
+
+
+Reply = CompleteReply | PongReply | StatsReply | RunUsageReply | ErrorReply

@@ -1,0 +1,53 @@
+"""``rlmq SUBCOMMAND``: one subcommand per service, each imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+# subcommand -> (module with add_arguments/main, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "handler": ("lmhandler.cli", "run the LM handler (relays every model call; holds the API keys)"),
+    "demo": ("lmhandler.demo", "offline end-to-end demo: a real handler relaying a burst of sub-calls"),
+}
+# Long-running services log their life cycle at INFO by default; one-shot commands stay quiet.
+SERVICES = frozenset({"handler"})
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="rlmq",
+        description="Recursive Language Models as a client-server system over ZeroMQ.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in SUBCOMMANDS), None)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    if args.command in SERVICES:
+        level = min(level, logging.INFO)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    code: int = module.main(args)
+    return code

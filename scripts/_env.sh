@@ -1,0 +1,23 @@
+# Sourced by the other scripts: make sure .venv exists with the project and its test tools.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${RLMQ_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+stamp="$VENV/.rlmq-installed"
+if [ ! -x "$PY" ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setting up $VENV (first run only)..." >&2
+  log="$(mktemp -t rlmq-install.XXXXXX)"
+  # compat mode: a plain .pth to the checkout. The default finder resolves our top-level
+  # packages as namespace packages when the checkout is not on sys.path (their __init__ skipped).
+  if ! { python3 -m venv "$VENV" &&
+         "$PY" -m pip install --upgrade pip &&
+         "$PY" -m pip install -e ".[test]" --config-settings editable_mode=compat; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "installing rlmq into $VENV failed (log above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
+  touch "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from protocol import (
+    PROTOCOL_VERSION,
+    ChatMessage,
+    CompleteReply,
+    CompleteRequest,
+    DecodeError,
+    ErrorCode,
+    ErrorReply,
+    MessageTooLarge,
+    PingRequest,
+    RemoteError,
+    RunCloseRequest,
+    RunLimits,
+    RunOpenRequest,
+    RunUsage,
+    RunUsageReply,
+    StatsRequest,
+    UnknownOp,
+    UnsupportedVersion,
+    Usage,
+    UsageRequest,
+    decode_reply,
+    decode_request,
+    encode,
+    pack,
+    peek_id,
+    unpack,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        CompleteRequest(
+            "a1",
+            "root",
+            (ChatMessage("system", "be brief"), ChatMessage("user", "hi")),
+            max_tokens=10,
+            temperature=0.5,
+            timeout_s=3.0,
+            run="r",
+            depth=2,
+        ),
+        CompleteRequest("a2", "sub", (ChatMessage("user", "x"),)),
+        PingRequest("p"),
+        StatsRequest("s"),
+        RunOpenRequest("o", "run-1", RunLimits(max_calls=3, max_cost_usd=1.5, deadline_s=60)),
+        RunCloseRequest("c", "run-1"),
+        UsageRequest("u", "run-1"),
+    ],
+)
+def test_requests_round_trip(message: object) -> None:
+    assert decode_request(encode(message)) == message  # type: ignore[arg-type]
+
+
+def test_prompt_is_one_user_message() -> None:
+    req = decode_request(pack({"v": 1, "op": "complete", "id": "x", "model": "m", "prompt": "hello"}))
+    assert isinstance(req, CompleteRequest)
+    assert req.messages == (ChatMessage("user", "hello"),)
+
+
+def test_replies_round_trip() -> None:
+    reply = CompleteReply("a", "text", "m", Usage(10, 2, 3, 4), cached=True, retries=1, latency_ms=5.0)
+    assert decode_reply(unpack(encode(reply)), "complete") == reply
+    err = ErrorReply("a", ErrorCode.RATE_LIMITED, "slow down", retryable=True, retry_after_s=2.0)
+    assert decode_reply(unpack(encode(err)), "complete") == err
+    usage = RunUsage(
+        "r",
+        3,
+        1,
+        0,
+        Usage(5, 6),
+        0.25,
+        1.0,
+        RunLimits(max_calls=4),
+        closed=True,
+        exceeded="max_calls",
+    )
+    assert decode_reply(unpack(encode(RunUsageReply("u", usage))), "usage") == RunUsageReply("u", usage)
+
+
+def test_error_wire_shape_is_code_message_retryable() -> None:
+    wire = msgpack.unpackb(encode(ErrorReply("a", ErrorCode.TIMEOUT, "late", retryable=True)))
+    assert wire == {
+        "v": 1,
+        "id": "a",
+        "ok": False,
+        "error": {"code": "timeout", "message": "late", "retryable": True},
+    }
+
+
+@pytest.mark.parametrize(
+    ("payload", "error", "rid"),
+    [
+        (os.urandom(64), DecodeError, None),
+        (b"\xc1", DecodeError, None),  # a byte msgpack never uses
+        (pack({"v": 1}), DecodeError, None),  # no id
+        (msgpack.packb([1, 2, 3]), DecodeError, None),
+        (msgpack.packb({"v": 1, "id": 7, "op": "ping"}), DecodeError, None),
+        (pack({"id": "a", "op": "ping"}), DecodeError, "a"),
+        (pack({"v": "1", "id": "a", "op": "ping"}), DecodeError, "a"),
+        (pack({"v": 99, "id": "a", "op": "ping"}), UnsupportedVersion, "a"),
+        (pack({"v": 1, "id": "a", "op": "teleport"}), UnknownOp, "a"),
+        (pack({"v": 1, "id": "a"}), DecodeError, "a"),
+        (
+            pack(
+                {
+                    "v": 1,
+                    "id": "a",
+                    "op": "complete",
+                    "messages": [{"role": "user", "content": "x"}],
+                }
+            ),
+            DecodeError,
+            "a",
+        ),
+        (pack({"v": 1, "id": "a", "op": "complete", "model": "m"}), DecodeError, "a"),
+        (
+            pack({"v": 1, "id": "a", "op": "complete", "model": "m", "messages": []}),
+            DecodeError,
+            "a",
+        ),
+        (
+            pack({"v": 1, "id": "a", "op": "complete", "model": "m", "messages": "hi"}),
+            DecodeError,
+            "a",
+        ),
+        (
+            pack(
+                {
+                    "v": 1,
+                    "id": "a",
+                    "op": "complete",
+                    "model": "m",
+                    "messages": [{"role": "god", "content": "x"}],
+                }
+            ),
+            DecodeError,
+            "a",
+        ),
+        (
+            pack(
+                {
+                    "v": 1,
+                    "id": "a",
+                    "op": "complete",
+                    "model": "m",
+                    "messages": [{"role": "user", "content": 5}],
+                }
+            ),
+            DecodeError,
+            "a",
+        ),
+        (
+            pack(
+                {
+                    "v": 1,
+                    "id": "a",
+                    "op": "complete",
+                    "model": "m",
+                    "prompt": "x",
+                    "max_tokens": "9",
+                }
+            ),
+            DecodeError,
+            "a",
+        ),
+        (
+            pack(
+                {
+                    "v": 1,
+                    "id": "a",
+                    "op": "complete",
+                    "model": "m",
+                    "prompt": "x",
+                    "max_tokens": True,
+                }
+            ),
+            DecodeError,
+            "a",
+        ),
+        (
+            pack({"v": 1, "id": "a", "op": "complete", "model": "m", "prompt": "x", "max_tokens": 0}),
+            DecodeError,
+            "a",
+        ),
+        (
+            pack(
+                {
+                    "v": 1,
+                    "id": "a",
+                    "op": "complete",
+                    "model": "m",
+                    "prompt": "x",
+                    "temperature": -1,
+                }
+            ),
+            DecodeError,
+            "a",
+        ),
+        (pack({"v": 1, "id": "a", "op": "run_open"}), DecodeError, "a"),
+        (
+            pack({"v": 1, "id": "a", "op": "run_open", "run": "r", "limits": {"max_calls": "3"}}),
+            DecodeError,
+            "a",
+        ),
+        (
+            pack({"v": 1, "id": "a", "op": "run_open", "run": "r", "limits": {"max_money": 3}}),
+            DecodeError,
+            "a",
+        ),
+    ],
+)
+def test_bad_payloads_raise_typed_errors(payload: bytes, error: type[Exception], rid: str | None) -> None:
+    with pytest.raises(error) as info:
+        decode_request(payload)
+    assert getattr(info.value, "request_id", None) == rid
+    assert info.value.code in ErrorCode  # type: ignore[attr-defined]
+
+
+def test_too_large_keeps_the_id_without_decoding_the_body() -> None:
+    payload = pack({"v": 1, "op": "complete", "model": "m", "prompt": "x" * 5000, "id": "big-1"})
+    with pytest.raises(MessageTooLarge) as info:
+        decode_request(payload, max_bytes=1000)
+    assert info.value.request_id == "big-1"
+    assert info.value.code == ErrorCode.TOO_LARGE
+    assert peek_id(b"garbage") is None
+
+
+def test_remote_error_keeps_unknown_codes() -> None:
+    err = RemoteError("quota_gone", "new code from a newer server", retryable=True)
+    assert err.code == ErrorCode.INTERNAL
+    assert err.raw_code == "quota_gone"
+    assert err.retryable
+
+
+def test_spec_version_matches_code() -> None:
+    spec = (ROOT / "docs" / "protocol.md").read_text()
+    match = re.search(r"^Protocol version: (\d+)$", spec, re.MULTILINE)
+    assert match, "docs/protocol.md must state 'Protocol version: N' on a line of its own"
+    assert int(match.group(1)) == PROTOCOL_VERSION
+
+
+def test_spec_lists_every_error_code_and_op() -> None:
+    from protocol.messages import REQUEST_TYPES
+
+    spec = (ROOT / "docs" / "protocol.md").read_text()
+    for code in ErrorCode:
+        assert f"`{code.value}`" in spec, f"error code {code.value} is not documented"
+    for op in REQUEST_TYPES:
+        assert f"`{op}`" in spec, f"op {op} is not documented"
