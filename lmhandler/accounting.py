@@ -115,6 +115,7 @@ class Run:
             limits=self.limits,
             closed=self.closed,
             exceeded=self.exceeded,
+            in_flight=self.in_flight,
         )
 
 

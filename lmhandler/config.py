@@ -28,6 +28,8 @@ __all__ = [
 BACKENDS = frozenset({"anthropic", "openai", "echo", "script"})
 HTTP_BACKENDS = frozenset({"anthropic", "openai"})
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+# Tables of the shared rlmq.toml that other services read and validate.
+OTHER_TABLES = frozenset({"sandbox", "run"})
 # echo and script are not a provider to protect: let them run as wide as the handler allows.
 OFFLINE_CONCURRENCY = 100_000
 
@@ -171,10 +173,11 @@ def parse_config(
 ) -> HandlerConfig:
     """Build a ``HandlerConfig`` from an already parsed TOML document."""
     env = os.environ if env is None else env
-    unknown = sorted(set(data) - {"models", "handler"})
+    unknown = sorted(set(data) - {"models", "handler", *OTHER_TABLES})
     if unknown:
         raise ConfigError(
-            f"{source}: unknown top-level table {unknown[0]!r}; expected [models.*] and [handler]"
+            f"{source}: unknown top-level table {unknown[0]!r}; expected [models.*], [handler], "
+            + ", ".join(f"[{t}]" for t in sorted(OTHER_TABLES))
         )
     models_table = data.get("models")
     if not isinstance(models_table, Mapping) or not models_table:

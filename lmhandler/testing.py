@@ -43,13 +43,18 @@ async def running_handler(
     bind: str = "tcp://127.0.0.1:0",
     backends: Mapping[str, Backend] | None = None,
     context: zmq.asyncio.Context | None = None,
+    env: Mapping[str, str] | None = None,
     **handler_settings: Any,
 ) -> AsyncIterator[Handler]:
-    """A handler serving in this event loop on a free port, stopped on exit."""
+    """A handler serving in this event loop on a free port, stopped on exit.
+
+    ``env`` stands in for the environment when resolving ``api_key_env`` (default: empty).
+    """
     if isinstance(models, HandlerConfig):
         config = models
     else:
-        config = parse_config({"models": dict(models), "handler": {"bind": bind, **handler_settings}}, env={})
+        table = {"models": dict(models), "handler": {"bind": bind, **handler_settings}}
+        config = parse_config(table, env=env or {})
     handler = Handler(config, backends=backends, context=context)
     await handler.start()
     try:

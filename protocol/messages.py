@@ -216,6 +216,7 @@ class RunUsage:
     limits: RunLimits
     closed: bool
     exceeded: str | None = None  # the first limit that refused a call, if any
+    in_flight: int = 0
 
     def to_wire(self) -> Wire:
         return {
@@ -229,6 +230,7 @@ class RunUsage:
             "limits": self.limits.to_wire(),
             "closed": self.closed,
             "exceeded": self.exceeded,
+            "in_flight": self.in_flight,
         }
 
     @classmethod
@@ -246,6 +248,7 @@ class RunUsage:
             limits=RunLimits.from_wire(d.get("limits"), rid),
             closed=bool(d.get("closed", False)),
             exceeded=_opt_str(d, "exceeded", rid),
+            in_flight=_opt_int(d, "in_flight", rid) or 0,
         )
 
 

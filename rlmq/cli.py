@@ -13,10 +13,14 @@ __all__ = ["main"]
 # subcommand -> (module with add_arguments/main, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "handler": ("lmhandler.cli", "run the LM handler (relays every model call; holds the API keys)"),
+    "fake-provider": (
+        "lmhandler.fakeprovider",
+        "serve the Anthropic and OpenAI HTTP APIs locally, with fault injection, for tests and load tests",
+    ),
     "demo": ("lmhandler.demo", "offline end-to-end demo: a real handler relaying a burst of sub-calls"),
 }
 # Long-running services log their life cycle at INFO by default; one-shot commands stay quiet.
-SERVICES = frozenset({"handler"})
+SERVICES = frozenset({"handler", "fake-provider"})
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
