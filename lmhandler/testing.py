@@ -15,11 +15,43 @@ from typing import Any
 
 import zmq.asyncio
 
-from .backends import Backend
+from protocol import ChatMessage, ErrorCode, Usage
+
+from .backends import Backend, BackendError, BackendRequest, Completion, estimate_tokens
 from .config import HandlerConfig, parse_config
 from .server import Handler
 
-__all__ = ["echo_model", "ipc_address", "running_handler", "script_model"]
+__all__ = ["ScriptedModel", "echo_model", "ipc_address", "running_handler", "script_model"]
+
+
+class ScriptedModel(Backend):
+    """A model whose answers a test writes per run: ``model.script("run-1", ["...", "..."])``.
+
+    Responses are served in order for each run id (``None`` for calls without one; ``default``
+    for runs not scripted). Every request is recorded in ``requests`` as ``(run, messages)`` so a
+    test can assert what the model was shown.
+    """
+
+    def __init__(self, default: list[str] | None = None) -> None:
+        self.default = list(default or [])
+        self.scripts: dict[str | None, list[str]] = {}
+        self.requests: list[tuple[str | None, tuple[ChatMessage, ...]]] = []
+
+    def script(self, run: str | None, responses: list[str]) -> None:
+        self.scripts[run] = list(responses)
+
+    async def complete(self, request: BackendRequest) -> Completion:
+        self.requests.append((request.run, request.messages))
+        queue = self.scripts.setdefault(request.run, list(self.default))
+        if not queue:
+            raise BackendError(
+                ErrorCode.SCRIPT_EXHAUSTED,
+                f"no scripted response left for run {request.run!r}",
+                retryable=False,
+            )
+        text = queue.pop(0)
+        prompt = sum(estimate_tokens(m.content) for m in request.messages)
+        return Completion(text, request.model, Usage(prompt, estimate_tokens(text)), "end_turn")
 
 
 def echo_model(latency_ms: float = 0.0, **extra: Any) -> dict[str, Any]:

@@ -12,15 +12,18 @@ __all__ = ["main"]
 
 # subcommand -> (module with add_arguments/main, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("orchestrator.run_cli", "answer one question about a large context (an RLM run)"),
+    "demo": ("orchestrator.demo", "offline end-to-end RLM run over a generated 1M-token document"),
+    "up": ("orchestrator.up_cli", "start a handler and a sandbox pool on this machine"),
     "handler": ("lmhandler.cli", "run the LM handler (relays every model call; holds the API keys)"),
+    "sandbox": ("sandbox.cli", "run a sandbox pool (executes model-written code in isolated workers)"),
     "fake-provider": (
         "lmhandler.fakeprovider",
         "serve the Anthropic and OpenAI HTTP APIs locally, with fault injection, for tests and load tests",
     ),
-    "demo": ("lmhandler.demo", "offline end-to-end demo: a real handler relaying a burst of sub-calls"),
 }
 # Long-running services log their life cycle at INFO by default; one-shot commands stay quiet.
-SERVICES = frozenset({"handler", "fake-provider"})
+SERVICES = frozenset({"handler", "sandbox", "fake-provider", "up"})
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

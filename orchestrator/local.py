@@ -1,0 +1,134 @@
+"""A handler and a sandbox pool on this machine, as child processes.
+
+``rlmq up`` runs them in the foreground; ``rlmq run`` without addresses and ``rlmq demo`` start
+private ones on ipc:// sockets in a temporary directory and stop them afterwards. They are started
+through the ``rlmq`` command, so this package never imports the other services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol import RlmqError
+
+__all__ = ["LocalServices", "ServiceError", "local_services"]
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 60.0
+
+
+class ServiceError(RlmqError):
+    """A local service that did not start."""
+
+
+@dataclass
+class _Child:
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+    address: str = ""
+
+
+@dataclass
+class LocalServices:
+    handler: str
+    sandbox: str
+    directory: Path
+
+
+async def _start(name: str, args: list[str], ready_prefix: str, directory: Path) -> _Child:
+    log_path = directory / f"{name}.log"
+    with log_path.open("wb") as err:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "rlmq",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,  # our Ctrl-C goes to us; we stop the children in order
+        )
+    child = _Child(name, process, log_path)
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), READY_TIMEOUT_S)
+    except TimeoutError:
+        await _stop(child)
+        raise ServiceError(
+            f"{name} did not become ready within {READY_TIMEOUT_S:g} s; see {log_path}"
+        ) from None
+    text = line.decode(errors="replace").strip()
+    if not text.startswith(ready_prefix):
+        await _stop(child)
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise ServiceError(f"{name} failed to start:\n{tail}")
+    child.address = text.split()[-1]
+    return child
+
+
+async def _stop(child: _Child, timeout_s: float = 15.0) -> None:
+    if child.process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        child.process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(child.process.wait(), timeout_s)
+    except TimeoutError:
+        log.warning("%s did not stop within %.0f s; killing it", child.name, timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.process.pid, signal.SIGKILL)
+        await child.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def local_services(
+    config: str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+    directory: str | os.PathLike[str] | None = None,
+    handler_bind: str | None = None,
+    sandbox_bind: str | None = None,
+) -> AsyncIterator[LocalServices]:
+    """Start a handler and a pool (ipc:// in a private directory unless binds are given)."""
+    own_dir = directory is None
+    base = Path(tempfile.mkdtemp(prefix="rlmq-")) if directory is None else Path(directory)
+    base.mkdir(parents=True, exist_ok=True)
+    children: list[_Child] = []
+    try:
+        handler = await _start(
+            "handler",
+            ["handler", "--config", str(config), "--bind", handler_bind or f"ipc://{base}/handler.sock"],
+            "lmhandler ready on ",
+            base,
+        )
+        children.append(handler)
+        sandbox_args = [
+            "sandbox",
+            "--handler",
+            handler.address,
+            "--bind",
+            sandbox_bind or f"ipc://{base}/sandbox.sock",
+        ]
+        sandbox_args += ["--config", str(config)]  # the pool reads its optional [sandbox] table
+        if workers is not None:
+            sandbox_args += ["--workers", str(workers)]
+        sandbox = await _start("sandbox", sandbox_args, "sandbox ready on ", base)
+        children.append(sandbox)
+        yield LocalServices(handler.address, sandbox.address, base)
+    finally:
+        # The pool first: its workers may still be talking to the handler.
+        for child in reversed(children):
+            await _stop(child)
+        if own_dir:
+            shutil.rmtree(base, ignore_errors=True)

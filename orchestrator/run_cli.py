@@ -1,0 +1,186 @@
+"""``rlmq run``: one RLM run from the command line.
+
+Exit status: 0 with an answer (FINAL, or the best answer when the iteration limit was hit);
+3 when a budget or the wall time stopped the run; 1 on errors; 2 on bad arguments or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from protocol.sandbox import AsyncSandboxClient
+
+from protocol import AsyncHandlerClient, RlmqError
+
+from .contexts import ContextError, load_context
+from .local import local_services
+from .loop import BUDGET, RLM, WALL_TIME, RunResult, new_run_id
+from .progress import progress_line
+from .settings import RunSettings, SettingsError, load_run_settings
+from .trajectory import Trajectory
+
+__all__ = ["add_arguments", "main", "run_query"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUNS_DIR = Path("rlmq-runs")
+
+
+class NoServices(RlmqError):
+    """Neither addresses of running services nor a config to start private ones."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--query", "-q", required=True, help="the question to answer")
+    parser.add_argument(
+        "--context",
+        "-c",
+        required=True,
+        help="a text file, a .json file (list or dict), a directory (dict of path to text), or - for stdin",
+    )
+    parser.add_argument(
+        "--config", default="rlmq.toml", help="TOML with [models.*] and optional [run] (default: %(default)s)"
+    )
+    parser.add_argument("--handler", help="address of a running handler (default: start a private one)")
+    parser.add_argument("--sandbox", help="address of a running sandbox pool (default: start a private one)")
+    parser.add_argument(
+        "--max-iterations", type=int, help="root-model turns before a forced answer (default 30)"
+    )
+    parser.add_argument(
+        "--max-depth", type=int, help="recursion depth; 1 = llm_query only, no rlm_query (default 1)"
+    )
+    parser.add_argument("--wall-time-s", type=float, help="stop the run after this many seconds")
+    parser.add_argument("--max-calls", type=int, help="model calls the run may make, sub-calls included")
+    parser.add_argument(
+        "--max-cost-usd", type=float, help="cost the run may spend (needs prices in the config)"
+    )
+    parser.add_argument("--max-input-tokens", type=int, help="input tokens the run may spend")
+    parser.add_argument("--max-output-tokens", type=int, help="output tokens the run may spend")
+    parser.add_argument("--root-model", help="model alias for the main loop (default root)")
+    parser.add_argument("--sub-model", help="model alias for llm_query (default sub)")
+    parser.add_argument(
+        "--trajectory", help=f"JSON-lines trace of the run (default: {DEFAULT_RUNS_DIR}/RUN_ID.jsonl)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the bare answer"
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_iterations": args.max_iterations,
+        "max_depth": args.max_depth,
+        "wall_time_s": args.wall_time_s,
+        "max_calls": args.max_calls,
+        "max_cost_usd": args.max_cost_usd,
+        "max_input_tokens": args.max_input_tokens,
+        "max_output_tokens": args.max_output_tokens,
+        "root_model": args.root_model,
+        "sub_model": args.sub_model,
+    }
+
+
+@contextlib.asynccontextmanager
+async def _addresses(args: argparse.Namespace) -> AsyncIterator[tuple[str, str]]:
+    if args.handler and args.sandbox:
+        yield args.handler, args.sandbox
+        return
+    if not args.config_exists:
+        raise NoServices(
+            f"no --handler/--sandbox given and no {args.config} to start private ones with; "
+            "write a config with [models.root] and [models.sub] (see README) or pass --config"
+        )
+    async with local_services(args.config) as services:
+        yield args.handler or services.handler, args.sandbox or services.sandbox
+
+
+async def run_query(
+    query: str,
+    context: Any,
+    *,
+    handler: str,
+    sandbox: str,
+    settings: RunSettings,
+    trajectory: Trajectory,
+    run_id: str,
+    show_progress: bool = True,
+) -> RunResult:
+    """Connect, run, disconnect. Used by ``rlmq run`` and ``rlmq demo``."""
+    async with AsyncHandlerClient(handler) as hc, AsyncSandboxClient(sandbox) as sc:
+        rlm = RLM(hc, sc, settings, trajectory=trajectory)
+        if not show_progress:
+            return await rlm.run(query, context, run_id=run_id)
+        async with progress_line(hc, run_id, rlm, max_iterations=settings.max_iterations):
+            return await rlm.run(query, context, run_id=run_id)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    settings = load_run_settings(args.config, _overrides(args))
+    context = load_context(args.context)
+    run_id = new_run_id()
+    path = Path(args.trajectory) if args.trajectory else DEFAULT_RUNS_DIR / f"{run_id}.jsonl"
+    trajectory = Trajectory(path)
+    try:
+        async with _addresses(args) as (handler, sandbox):
+            result = await run_query(
+                args.query,
+                context,
+                handler=handler,
+                sandbox=sandbox,
+                settings=settings,
+                trajectory=trajectory,
+                run_id=run_id,
+            )
+    finally:
+        trajectory.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "answer": result.answer,
+                    "stop_reason": result.stop_reason,
+                    "detail": result.detail,
+                    "iterations": result.iterations,
+                    "usage": result.usage.to_wire() if result.usage else None,
+                    "elapsed_s": result.elapsed_s,
+                    "run_id": result.run_id,
+                    "trajectory": str(path),
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        print(result.answer)
+    note = f"run {result.run_id}: {result.stop_reason}"
+    if result.detail:
+        note += f" ({result.detail})"
+    print(
+        f"{note}; {result.iterations} iterations, {result.elapsed_s:.1f} s; trajectory: {path}",
+        file=sys.stderr,
+    )
+    if result.stop_reason in (BUDGET, WALL_TIME):
+        return 3
+    return 0 if result.ok else 1
+
+
+def main(args: argparse.Namespace) -> int:
+    args.config_exists = Path(args.config).exists()
+    try:
+        return asyncio.run(_main(args))
+    except (SettingsError, ContextError, NoServices) as exc:
+        print(f"rlmq run: {exc.message}", file=sys.stderr)
+        return 2
+    except RlmqError as exc:
+        print(f"rlmq run: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rlmq run: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,103 @@
+"""Run settings: one frozen dataclass, built once from flags and the ``[run]`` table of rlmq.toml."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from protocol import RlmqError, RunLimits
+
+__all__ = ["RunSettings", "SettingsError", "load_run_settings"]
+
+COMPACTION_MODES = ("window", "summary")
+
+
+class SettingsError(RlmqError):
+    """Run settings that cannot be used as written."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    root_model: str = "root"
+    sub_model: str = "sub"
+    max_iterations: int = 30
+    max_depth: int = 1  # 1: llm_query is a plain model call and rlm_query is off
+    wall_time_s: float | None = None
+    max_calls: int | None = None
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    max_cost_usd: float | None = None
+    max_tokens: int | None = None  # per root-model response; None: the handler's default
+    temperature: float | None = None
+    exec_timeout_s: float = 120.0
+    max_output_chars: int = 20_000  # of one code block's output, as the model sees it
+    history_max_chars: int = 400_000  # past this, older turns are compacted
+    compaction: str = "window"  # window | summary
+    keep_last_turns: int = 4  # turns (assistant + observation) kept whole by compaction
+    model_timeout_s: float = 600.0
+
+    def limits(self) -> RunLimits:
+        return RunLimits(
+            max_calls=self.max_calls,
+            max_input_tokens=self.max_input_tokens,
+            max_output_tokens=self.max_output_tokens,
+            max_cost_usd=self.max_cost_usd,
+            deadline_s=self.wall_time_s,
+        )
+
+    def validated(self) -> RunSettings:
+        if self.max_iterations < 1:
+            raise SettingsError("max_iterations must be at least 1")
+        if self.max_depth < 1:
+            raise SettingsError("max_depth must be at least 1 (1 = no recursion)")
+        if self.compaction not in COMPACTION_MODES:
+            raise SettingsError(
+                f"compaction must be one of {', '.join(COMPACTION_MODES)}, not {self.compaction!r}"
+            )
+        if self.keep_last_turns < 1:
+            raise SettingsError("keep_last_turns must be at least 1")
+        return self
+
+
+_FIELDS = {f.name: f for f in fields(RunSettings)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = str(_FIELDS[name].type)
+    if isinstance(value, bool) and kind != "bool":
+        raise SettingsError(f"{source}: [run] {name} must be a number, got a boolean")
+    if kind.startswith("int") and not isinstance(value, int):
+        raise SettingsError(f"{source}: [run] {name} must be an integer, got {type(value).__name__}")
+    if kind.startswith("float") and not isinstance(value, int | float):
+        raise SettingsError(f"{source}: [run] {name} must be a number, got {type(value).__name__}")
+    if kind.startswith("str") and not isinstance(value, str):
+        raise SettingsError(f"{source}: [run] {name} must be a string, got {type(value).__name__}")
+    return float(value) if kind.startswith("float") else value
+
+
+def settings_from_table(table: Mapping[str, Any], *, source: str = "<memory>") -> RunSettings:
+    unknown = sorted(set(table) - set(_FIELDS))
+    if unknown:
+        raise SettingsError(
+            f"{source}: unknown key {unknown[0]!r} in [run]; known keys: {', '.join(sorted(_FIELDS))}"
+        )
+    return RunSettings(**{k: _coerce(k, v, source) for k, v in table.items()})
+
+
+def load_run_settings(path: str | Path | None, overrides: Mapping[str, Any]) -> RunSettings:
+    """Settings from the ``[run]`` table of ``path`` (if it exists), then ``overrides`` (flags)."""
+    settings = RunSettings()
+    if path is not None and Path(path).exists():
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+        table = data.get("run", {})
+        if not isinstance(table, Mapping):
+            raise SettingsError(f"{path}: [run] must be a table")
+        settings = settings_from_table(table, source=str(path))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(settings, **given).validated()

@@ -1,0 +1,265 @@
+"""Messages between the pool and its workers (private to the sandbox package).
+
+Transport: the pool binds a ROUTER on a private ipc:// path; each worker connects two DEALERs,
+``<wid>`` (everything below) and ``<wid>:hb`` (heartbeats only, from their own thread). A message
+is ``[header, *blobs]`` with a msgpack map header. Workers run untrusted code, so the pool
+decodes what they send as strictly as what clients send: a bad message is dropped, never trusted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from protocol import DecodeError, unpack
+from protocol.messages import _drop_none, _field, _opt_str, _str
+from protocol.sandbox import CONTEXT_FORMATS, ExecResult, SessionInfo
+
+__all__ = [
+    "Assign",
+    "Exec",
+    "Heartbeat",
+    "Loaded",
+    "Ready",
+    "Result",
+    "RlmAnswer",
+    "WorkerRlmQuery",
+    "decode_from_pool",
+    "decode_from_worker",
+]
+
+Wire = dict[str, Any]
+
+
+def _fields(d: Mapping[str, Any], nblobs: int, expected: int, op: str) -> None:
+    if nblobs != expected:
+        raise DecodeError(f"{op}: expected {expected} blob(s), got {nblobs}")
+
+
+# ---------------------------------------------------------------- pool -> worker
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    """Give the worker its session; the context follows as one blob."""
+
+    session: str
+    run: str
+    depth: int
+    sub_model: str
+    max_output_chars: int
+    context_format: str
+    rlm_error: str | None  # None: rlm_query is available; else the message it raises
+    handler: str | None = None  # a per-session handler address (else the worker's default)
+
+    OP: ClassVar[str] = "assign"
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP} | _drop_none(
+            {
+                "session": self.session,
+                "run": self.run,
+                "depth": self.depth,
+                "sub_model": self.sub_model,
+                "max_output_chars": self.max_output_chars,
+                "context_format": self.context_format,
+                "rlm_error": self.rlm_error,
+                "handler": self.handler,
+            }
+        )
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Assign:
+        _fields(d, nblobs, 1, cls.OP)
+        fmt = _str(d, "context_format", None)
+        if fmt not in CONTEXT_FORMATS:
+            raise DecodeError(f"unknown context format {fmt!r}")
+        return cls(
+            session=_str(d, "session", None),
+            run=_str(d, "run", None),
+            depth=_field(d, "depth", (int,), "an integer", None),
+            sub_model=_str(d, "sub_model", None),
+            max_output_chars=_field(d, "max_output_chars", (int,), "an integer", None),
+            context_format=fmt,
+            rlm_error=_opt_str(d, "rlm_error", None),
+            handler=_opt_str(d, "handler", None),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Exec:
+    id: str
+    code: str
+    timeout_s: float  # the pool kills the worker at this deadline; bounds waits inside the code
+
+    OP: ClassVar[str] = "exec"
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP, "id": self.id, "code": self.code, "timeout_s": self.timeout_s}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Exec:
+        _fields(d, nblobs, 0, cls.OP)
+        timeout = _field(d, "timeout_s", (int, float), "a number", None)
+        return cls(_str(d, "id", None), _str(d, "code", None), float(timeout))
+
+
+@dataclass(frozen=True, slots=True)
+class RlmAnswer:
+    id: str
+    ok: bool
+    text: str = ""
+    error: str = ""
+
+    OP: ClassVar[str] = "rlm_result"
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP, "id": self.id, "ok": self.ok, "text": self.text, "error": self.error}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> RlmAnswer:
+        _fields(d, nblobs, 0, cls.OP)
+        return cls(
+            _str(d, "id", None),
+            _field(d, "ok", (bool,), "a boolean", None),
+            _opt_str(d, "text", None) or "",
+            _opt_str(d, "error", None) or "",
+        )
+
+
+FromPool = Assign | Exec | RlmAnswer
+_FROM_POOL: dict[str, Callable[[Mapping[str, Any], int], FromPool]] = {
+    Assign.OP: Assign.from_wire,
+    Exec.OP: Exec.from_wire,
+    RlmAnswer.OP: RlmAnswer.from_wire,
+}
+
+
+# ---------------------------------------------------------------- worker -> pool
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Imports done, limits applied, privileges dropped: the worker can take a session."""
+
+    pid: int  # os.getpid() of the code-running process, in its own pid namespace
+
+    OP: ClassVar[str] = "ready"
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP, "pid": self.pid}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Ready:
+        _fields(d, nblobs, 0, cls.OP)
+        pid = _field(d, "pid", (int,), "an integer", None)
+        if pid <= 0:
+            raise DecodeError("pid must be positive")
+        return cls(pid)
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """The answer to ``Assign``: the context is loaded (``info``), or why not."""
+
+    ok: bool
+    info: SessionInfo | None = None
+    error_code: str = ""
+    error_message: str = ""
+
+    OP: ClassVar[str] = "loaded"
+
+    def to_wire(self) -> Wire:
+        if self.ok and self.info is not None:
+            return {"op": self.OP, "ok": True, "info": self.info.to_wire()}
+        return {"op": self.OP, "ok": False, "error": {"code": self.error_code, "message": self.error_message}}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Loaded:
+        _fields(d, nblobs, 0, cls.OP)
+        if _field(d, "ok", (bool,), "a boolean", None):
+            return cls(True, SessionInfo.from_wire(d.get("info")))
+        error = _field(d, "error", (dict,), "a map", None)
+        return cls(False, None, _str(error, "code", None), _str(error, "message", None))
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    id: str
+    result: ExecResult
+
+    OP: ClassVar[str] = "result"
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP, "id": self.id, "result": self.result.to_wire()}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Result:
+        _fields(d, nblobs, 0, cls.OP)
+        return cls(_str(d, "id", None), ExecResult.from_wire(d.get("result")))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRlmQuery:
+    id: str
+    prompt: str
+    context_format: str | None = None  # with one blob when set
+
+    OP: ClassVar[str] = "rlm_query"
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP} | _drop_none(
+            {"id": self.id, "prompt": self.prompt, "context_format": self.context_format}
+        )
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> WorkerRlmQuery:
+        fmt = _opt_str(d, "context_format", None)
+        if fmt is not None and fmt not in CONTEXT_FORMATS:
+            raise DecodeError(f"unknown context format {fmt!r}")
+        _fields(d, nblobs, 1 if fmt is not None else 0, cls.OP)
+        return cls(_str(d, "id", None), _str(d, "prompt", None), fmt)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    OP: ClassVar[str] = "hb"
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP}
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Heartbeat:
+        return cls()
+
+
+FromWorker = Ready | Loaded | Result | WorkerRlmQuery | Heartbeat
+_FROM_WORKER: dict[str, Callable[[Mapping[str, Any], int], FromWorker]] = {
+    Ready.OP: Ready.from_wire,
+    Loaded.OP: Loaded.from_wire,
+    Result.OP: Result.from_wire,
+    WorkerRlmQuery.OP: WorkerRlmQuery.from_wire,
+    Heartbeat.OP: Heartbeat.from_wire,
+}
+
+
+def _decode(
+    header: bytes | memoryview, nblobs: int, table: Mapping[str, Callable[..., Any]], max_bytes: int
+) -> Any:
+    obj = unpack(header, max_bytes=max_bytes)
+    op = obj.get("op")
+    parser = table.get(op) if isinstance(op, str) else None
+    if parser is None:
+        raise DecodeError(f"unknown or missing op {op!r}")
+    return parser(obj, nblobs)
+
+
+def decode_from_worker(header: bytes | memoryview, nblobs: int, *, max_bytes: int) -> FromWorker:
+    message: FromWorker = _decode(header, nblobs, _FROM_WORKER, max_bytes)
+    return message
+
+
+def decode_from_pool(header: bytes | memoryview, nblobs: int) -> FromPool:
+    message: FromPool = _decode(header, nblobs, _FROM_POOL, 1 << 40)
+    return message

@@ -1,0 +1,82 @@
+"""``rlmq sandbox``: run a sandbox pool in the foreground until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from protocol import RlmqError
+
+from .config import ConfigError, build_config, load_table
+from .pool import Pool
+
+__all__ = ["add_arguments", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--handler", default=None, help="address of the LM handler, e.g. tcp://127.0.0.1:5555"
+    )
+    parser.add_argument(
+        "--bind",
+        default=None,
+        help="address to listen on (default: [sandbox] bind, else tcp://127.0.0.1:5556); "
+        "port 0 picks a free port",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="warm workers kept ready (default: 2)")
+    parser.add_argument(
+        "--config", default=None, help="TOML file whose optional [sandbox] table sets PoolConfig fields"
+    )
+    parser.add_argument("--isolation", choices=("process", "bwrap"), default=None, help="default: process")
+
+
+async def _serve(pool: Pool) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await pool.start()
+        waiter = asyncio.ensure_future(stop.wait())
+        ready = asyncio.ensure_future(pool.wait_ready())
+        await asyncio.wait({waiter, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            ready.result()  # raises if the warm workers could not start
+            # The one line scripts wait for: bound, and the warm workers are ready.
+            print(f"sandbox ready on {pool.address}", flush=True)
+            await waiter
+        else:
+            ready.cancel()
+        log.info("signal received, shutting down")
+    finally:
+        await pool.stop()
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        table = load_table(args.config) if args.config else {}
+        config = build_config(
+            table,
+            source=args.config or "<flags>",
+            handler=args.handler,
+            bind=args.bind,
+            workers=args.workers,
+            isolation=getattr(args, "isolation", None),
+        )
+        pool = Pool(config)
+    except ConfigError as exc:
+        log.error("%s", exc.message)
+        return 2
+    try:
+        asyncio.run(_serve(pool))
+    except RlmqError as exc:
+        log.error("the sandbox pool failed: %s", exc.message)
+        return 1
+    except OSError as exc:
+        log.error("cannot start the sandbox pool on %s: %s", config.bind, exc)
+        return 1
+    return 0

@@ -1,0 +1,311 @@
+"""How a worker process is launched and contained (docs/security.md says what each level buys).
+
+- ``process``: a plain subprocess with a scrubbed environment, a private working directory, rlimits,
+  and (when the pool runs as root) its own unprivileged uid and a pids cgroup.
+- ``bwrap``: the same inside bubblewrap: no network (the handler is reached through an ipc proxy
+  in the pool), a read-only root filesystem, a private /tmp, and its own pid, ipc and uts
+  namespaces.
+
+Everything here is synchronous and quick; the pool calls it from a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+import protocol
+from protocol.client import configure_socket
+
+from . import procs
+from .config import PoolConfig
+from .spec import WorkerSpec
+
+__all__ = ["Cgroups", "HandlerProxy", "UidSlots", "find_bwrap", "worker_command", "worker_env"]
+
+log = logging.getLogger(__name__)
+
+CGROUP_V1_PIDS = Path("/sys/fs/cgroup/pids")
+# Tasks that are ours, not the code's, in a worker's pids cgroup: sh/bwrap, bwrap's init, the
+# nanny, and the worker's threads (main, heartbeat, two ZeroMQ threads).
+OWN_TASKS = 8
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+# The directory bubblewrap replaces with a private tmpfs (not a temp file of ours).
+SANDBOX_TMP = "/tmp"  # noqa: S108
+
+
+def find_bwrap() -> str | None:
+    return shutil.which("bwrap")
+
+
+class UidSlots:
+    """Unprivileged uids for workers, one per live worker, never shared: RLIMIT_NPROC and "kill
+    every process of this uid" are then per worker. A random start lowers the odds that two
+    pools on one host pick the same uid (the pool also skips uids that have processes)."""
+
+    def __init__(self, base: int, count: int) -> None:
+        self.base = base
+        self.count = count
+        self._used: set[int] = set()
+        self._avoid: set[int] = set()
+        self._next = random.randrange(count)
+
+    def take(self) -> int | None:
+        for i in range(self.count):
+            slot = (self._next + i) % self.count
+            if slot not in self._used and slot not in self._avoid:
+                self._used.add(slot)
+                self._next = slot + 1
+                return self.base + slot
+        return None
+
+    def release(self, uid: int, *, avoid: bool = False) -> None:
+        """Give ``uid`` back; ``avoid``: something of it lingers (a zombie), never reuse it."""
+        self._used.discard(uid - self.base)
+        if avoid:
+            self._avoid.add(uid - self.base)
+
+
+class Cgroups:
+    """A pids cgroup per worker under one group per pool (cgroup v1, root only).
+
+    cgroup v2 is not handled: creating a child group there needs the pids controller delegated
+    to a group without processes, which a container's root cgroup usually is not. Without it the
+    process limit is RLIMIT_NPROC alone (docs/security.md).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def create(cls, name: str) -> Cgroups | None:
+        if os.geteuid() != 0 or not (CGROUP_V1_PIDS / "cgroup.procs").exists():
+            return None
+        root = CGROUP_V1_PIDS / name
+        try:
+            root.mkdir()
+        except OSError as exc:
+            log.info("no pids cgroup for the pool (%s); RLIMIT_NPROC only", exc)
+            return None
+        return cls(root)
+
+    def make(self, wid: str, pids_max: int) -> Path:
+        """A group for one worker; returns its cgroup.procs, which the launcher joins."""
+        group = self.root / wid
+        group.mkdir()
+        (group / "pids.max").write_text(str(pids_max))
+        return group / "cgroup.procs"
+
+    def pids(self, wid: str) -> list[int]:
+        try:
+            text = (self.root / wid / "cgroup.procs").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def kill_and_remove(self, wid: str, timeout_s: float = 5.0) -> bool:
+        """Kill whatever is left in the worker's group, then remove it. False if it lingers."""
+        group = self.root / wid
+        if not group.exists():
+            return True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pids = self.pids(wid)
+            if pids:
+                procs.kill_pids(pids)
+            else:
+                try:
+                    group.rmdir()
+                    return True
+                except OSError:  # EBUSY while the last ones are being torn down
+                    pass
+            time.sleep(0.005)
+        log.warning("cgroup %s still busy after %.1f s", group, timeout_s)
+        return False
+
+    def remove_root(self) -> None:
+        for group in list(self.root.iterdir()) if self.root.exists() else []:
+            if group.is_dir():
+                self.kill_and_remove(group.name, timeout_s=2.0)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
+
+
+def _package_roots() -> list[str]:
+    roots = []
+    for module in (protocol, sys.modules[__name__.split(".")[0]]):
+        root = str(Path(module.__file__ or "").resolve().parent.parent)
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def worker_env(workdir: str) -> dict[str, str]:
+    """The whole environment of a worker: nothing of the pool's (no API keys, no tokens)."""
+    return {
+        "PATH": SYSTEM_PATH,
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": os.pathsep.join(_package_roots()),
+        "PYTHONNOUSERSITE": "1",
+    }
+
+
+def _runtime_paths(python: str) -> list[str]:
+    """What a worker must be able to read: the interpreter, its prefix, and the directories
+    holding rlmq's packages and its two dependencies (not the rest of ``sys.path``)."""
+    paths = [sys.prefix, sys.exec_prefix, sys.base_prefix, os.path.dirname(python), *_package_roots()]
+    for module in (zmq, msgpack):
+        paths.append(str(Path(module.__file__ or "").resolve().parent.parent))
+    return paths
+
+
+def _hidden_by_tmp(paths: list[str]) -> list[str]:
+    """Those of ``paths`` under /tmp, which bwrap replaces with a private tmpfs (a virtualenv
+    in /tmp, for instance): each is bound back read-only. /tmp itself never is."""
+    out: list[str] = []
+    for p in sorted({str(Path(p).resolve()) for p in paths if p}):
+        if p == SANDBOX_TMP:
+            log.warning("a worker needs %s itself; it stays hidden behind the private /tmp", p)
+            continue
+        inside = p.startswith(SANDBOX_TMP + "/")
+        if inside and os.path.exists(p) and not any(p.startswith(o + "/") for o in out):
+            out.append(p)
+    return out
+
+
+def worker_command(
+    config: PoolConfig,
+    spec: WorkerSpec,
+    *,
+    bwrap: str | None,
+    bind_dirs: list[str],
+    cgroup_procs: Path | None,
+) -> list[str]:
+    """The argv that starts one worker (see the module docstring)."""
+    python = config.python or sys.executable
+    cmd = [python, "-P", "-s", "-m", "sandbox.worker", spec.to_json()]
+    if bwrap is not None:
+        env = worker_env(spec.workdir)
+        needed = _runtime_paths(python)
+        args = [
+            bwrap,
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            # not --unshare-user as root: the worker must setuid to a real host uid for
+            # RLIMIT_NPROC to count (a user namespace would map it away)
+            *([] if os.geteuid() == 0 else ["--unshare-user"]),
+            "--die-with-parent",
+            # The worker's nanny is a reaper already: let it be pid 1 rather than bubblewrap's
+            # own, which its parent leaves unreaped (a zombie per worker) when it exits.
+            "--as-pid-1",
+            "--new-session",
+            "--clearenv",
+            *[a for k, v in env.items() for a in ("--setenv", k, v)],
+            "--ro-bind",
+            "/",
+            "/",
+            "--perms",
+            "1777",  # the worker's uid must write to it; nobody else sees this tmpfs
+            "--size",
+            str(config.tmp_size_mb * 1024 * 1024),
+            "--tmpfs",
+            SANDBOX_TMP,
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+        ]
+        for path in _hidden_by_tmp(needed):
+            args += ["--ro-bind", path, path]
+        for parent in sorted({os.path.dirname(p) for p in [*bind_dirs, spec.workdir]}):
+            # bubblewrap would create these mount points' parent itself, untraversable by the
+            # worker's uid (which reaches the handler proxies in it after its uid drop)
+            args += ["--perms", "0711", "--dir", parent]
+        for path in [*bind_dirs, spec.workdir]:
+            args += ["--bind", path, path]
+        args += ["--chdir", spec.workdir, "--"]
+        cmd = args + cmd
+    if cgroup_procs is not None:
+        # Join the worker's cgroup before anything else runs, then become the worker.
+        cmd = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup_procs), *cmd]
+    return cmd
+
+
+class HandlerProxy:
+    """A ZeroMQ ROUTER on an ipc:// path relayed to the handler (DEALER), in its own thread.
+
+    With ``isolation = "bwrap"`` workers have no network; this is their only way out, and it
+    leads to the handler only. The handler echoes envelopes, so replies find their worker.
+    """
+
+    def __init__(self, upstream: str, path: str, *, public: bool = False) -> None:
+        self.upstream = upstream
+        self.path = path
+        self.address = f"ipc://{path}"
+        self.public = public  # world-connectable: for workers that connect after the uid drop
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._control_address = f"inproc://proxy-control-{id(self)}"
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"handler-proxy {path}", daemon=True)
+
+    def start(self, timeout_s: float = 5.0) -> str:
+        self._thread.start()
+        if not self._ready.wait(timeout_s) or self._error is not None:
+            raise OSError(f"handler proxy on {self.address} did not start: {self._error}")
+        return self.address
+
+    def _run(self) -> None:
+        front = self._ctx.socket(zmq.ROUTER)
+        back = self._ctx.socket(zmq.DEALER)
+        control = self._ctx.socket(zmq.PAIR)
+        try:
+            for sock in (front, back):
+                configure_socket(sock)
+            front.bind(self.address)
+            if self.public:
+                # Deliberate: reached by workers after their uid drop; it leads to the handler only.
+                os.chmod(self.path, 0o666)  # noqa: S103
+            back.connect(self.upstream)
+            control.bind(self._control_address)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            for sock in (front, back, control):
+                sock.close(linger=0)
+            return
+        self._ready.set()
+        try:
+            zmq.proxy_steerable(front, back, None, control)
+        except zmq.ZMQError as exc:
+            log.debug("handler proxy %s ended: %s", self.address, exc)
+        finally:
+            for sock in (front, back, control):
+                sock.close(linger=0)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self._thread.is_alive():
+            client = self._ctx.socket(zmq.PAIR)
+            try:
+                client.connect(self._control_address)
+                client.send(b"TERMINATE")
+            finally:
+                client.close(linger=0)
+            self._thread.join(timeout_s)
+        self._ctx.term()

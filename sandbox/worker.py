@@ -1,0 +1,432 @@
+"""A sandbox worker process: ``python -m sandbox.worker SPEC_JSON`` (started by the pool only).
+
+Start-up, before the worker announces READY:
+
+1. import everything the worker and, likely, the model's code need (after the uid drop an
+   interpreter in a private directory such as /root cannot be read any more);
+2. fork. The parent stays root as the *nanny*: a child subreaper that reaps every process the
+   model's code starts and, when the code-running child dies, kills and reaps whatever is left,
+   then exits with the child's status (128 + signal when it was killed). The model's code cannot
+   signal the nanny (it is root), and its own parent is the nanny, never the pool.
+3. the child: new session, connect to the pool (and an ipc:// handler) while still root, apply
+   the rlimits, chdir into its private directory, drop to the unprivileged uid, forbid new
+   privileges, start the heartbeat thread, send READY, and serve one session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import itertools
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import zmq
+
+from protocol import ErrorReply, HandlerClient, RemoteError, RlmqError, TransportTimeout, pack
+from protocol.client import configure_socket
+from protocol.sandbox import ExecError, ExecResult, SessionInfo, context_shape, decode_context, encode_context
+
+from . import procs
+from ._wire import (
+    Assign,
+    Exec,
+    FromPool,
+    Heartbeat,
+    Loaded,
+    Ready,
+    Result,
+    RlmAnswer,
+    WorkerRlmQuery,
+    decode_from_pool,
+)
+from .runtime import LLMQueryError, Repl, RLMQueryError
+from .spec import WorkerSpec
+
+__all__ = ["main"]
+
+log = logging.getLogger("sandbox.worker")
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+
+# Exit codes of the nanny when something went wrong before the child could report.
+EXIT_ORPHANED = 70
+EXIT_NO_POOL = 72
+EXIT_SETUP = 73
+
+
+# ---------------------------------------------------------------- OS helpers
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, value: int) -> None:
+    if _libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}) failed: {os.strerror(err)}")
+
+
+def _preimport(modules: Sequence[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # an optional convenience: a missing module is not fatal
+            log.debug("preimport %s failed: %s", name, exc)
+
+
+def _connect(sock: zmq.Socket[Any], address: str, timeout_s: float) -> bool:
+    """Connect and, for ipc://, wait until the connection exists: after the uid drop the socket
+    file may no longer be reachable, so the connection must be made while we are root."""
+    if not address.startswith("ipc://"):
+        sock.connect(address)
+        return True
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+    try:
+        sock.connect(address)
+        return bool(monitor.poll(int(timeout_s * 1000)))
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+
+
+def _apply_limits(spec: WorkerSpec) -> None:
+    mib = 1024 * 1024
+    memory = spec.memory_mb * mib
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    # soft: SIGXCPU (the worker dies, reported as the CPU limit); hard: SIGKILL shortly after
+    resource.setrlimit(resource.RLIMIT_CPU, (spec.cpu_s, spec.cpu_s + 5))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (spec.fsize_mb * mib, spec.fsize_mb * mib))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if spec.uid is not None:
+        # Counted per real uid, and ignored for uid 0: only meaningful after the drop below.
+        resource.setrlimit(resource.RLIMIT_NPROC, (spec.nproc, spec.nproc))
+    # A write past RLIMIT_FSIZE should be an OSError (EFBIG) in the code, not the worker's death.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def _drop_privileges(spec: WorkerSpec) -> None:
+    if spec.uid is None or os.geteuid() != 0:
+        return
+    gid = spec.gid if spec.gid is not None else spec.uid
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(spec.uid)
+    if os.getuid() != spec.uid or os.geteuid() != spec.uid:
+        raise OSError("setuid did not take effect")
+
+
+# ---------------------------------------------------------------- nanny
+
+
+def _nanny(child: int) -> int:
+    """Reap everything below us until the child is gone, then kill and reap the rest."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+    def stop(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status: int | None = None
+    while status is None:
+        try:
+            pid, st = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return EXIT_SETUP
+        if pid == child:
+            status = st
+    procs.reap_descendants()
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+# ---------------------------------------------------------------- child: sub-calls
+
+
+class PoolLink:
+    """The worker's DEALER to the pool, shared by the serve loop and rlm_query (which the model's
+    threads may call too): a lock, and answers parked by id until their caller takes them."""
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._answers: dict[str, RlmAnswer] = {}
+        self._inbox: deque[tuple[FromPool, list[zmq.Frame]]] = deque()
+        self._ids = itertools.count(1)
+
+    def send(self, header: dict[str, Any], blobs: Sequence[Any] = ()) -> None:
+        with self._lock:
+            self._sock.send_multipart([pack(header), *blobs], copy=False)
+
+    def _pump(self, timeout_ms: int) -> None:
+        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            return
+        frames = self._sock.recv_multipart(copy=False)
+        try:
+            message = decode_from_pool(frames[0].buffer, len(frames) - 1)
+        except RlmqError as exc:
+            log.warning("unreadable message from the pool dropped: %s", exc.message)
+            return
+        if isinstance(message, RlmAnswer):
+            self._answers[message.id] = message
+        else:
+            self._inbox.append((message, list(frames[1:])))
+
+    def next_message(self, timeout_ms: int) -> tuple[FromPool, list[zmq.Frame]] | None:
+        with self._lock:
+            if not self._inbox:
+                self._pump(timeout_ms)
+            return self._inbox.popleft() if self._inbox else None
+
+    def rlm_query(self, prompt: str, context: Any, timeout_s: float) -> str:
+        qid = f"q{next(self._ids)}"
+        fmt: str | None = None
+        blobs: list[Any] = []
+        if context is not None:
+            fmt, payload = encode_context(context)
+            blobs = [payload]
+        self.send(WorkerRlmQuery(qid, prompt, fmt).to_wire(), blobs)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                answer = self._answers.pop(qid, None)
+                if answer is None:
+                    self._pump(50)
+                    answer = self._answers.pop(qid, None)
+            if answer is not None:
+                break
+            if time.monotonic() > deadline:
+                raise RLMQueryError(f"no answer to rlm_query within {timeout_s:g} s")
+        if not answer.ok:
+            raise RLMQueryError(f"rlm_query failed: {answer.error}")
+        return answer.text
+
+
+class SubCalls:
+    """``llm_query`` through the handler (tagged with the run and depth + 1), ``rlm_query``
+    through the pool to the orchestrator."""
+
+    def __init__(self, client: HandlerClient, link: PoolLink, sub_model: str) -> None:
+        self.client = client
+        self.link = link
+        self.sub_model = sub_model
+        self.exec_timeout_s = 3600.0  # updated per exec; bounds rlm_query's wait
+
+    @staticmethod
+    def _check_prompt(prompt: Any, what: str) -> None:
+        if isinstance(prompt, str):
+            return
+        if isinstance(prompt, list | tuple) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt
+        ):
+            return
+        raise TypeError(
+            f"{what} prompt must be a str (or a list of {{role, content}} maps), not {type(prompt).__name__}"
+        )
+
+    def complete(self, prompt: Any, model: str | None) -> str:
+        self._check_prompt(prompt, "llm_query")
+        alias = model or self.sub_model
+        try:
+            return self.client.complete(prompt, model=alias).text
+        except RemoteError as exc:
+            raise LLMQueryError(f"llm_query failed ({exc.raw_code}): {exc.message}") from None
+        except TransportTimeout as exc:
+            raise LLMQueryError(f"llm_query failed (timeout): {exc.message}") from None
+
+    def complete_many(self, prompts: Sequence[Any], model: str | None) -> list[str]:
+        for i, prompt in enumerate(prompts):
+            self._check_prompt(prompt, f"llm_query_batched: prompts[{i}]")
+        alias = model or self.sub_model
+        try:
+            replies = self.client.complete_many(prompts, model=alias)
+        except TransportTimeout as exc:
+            raise LLMQueryError(f"llm_query_batched failed (timeout): {exc.message}") from None
+        failed = [i for i, r in enumerate(replies) if isinstance(r, ErrorReply)]
+        if failed:
+            first = replies[failed[0]]
+            assert isinstance(first, ErrorReply)
+            shown = ", ".join(map(str, failed[:20])) + (", ..." if len(failed) > 20 else "")
+            raise LLMQueryError(
+                f"llm_query_batched: {len(failed)} of {len(replies)} prompts failed (indexes {shown}); "
+                f"first error, at index {failed[0]}: ({first.code}) {first.message}"
+            )
+        return [r.text for r in replies if not isinstance(r, ErrorReply)]
+
+    def rlm_query(self, prompt: str, context: Any) -> str:
+        return self.link.rlm_query(prompt, context, self.exec_timeout_s)
+
+
+# ---------------------------------------------------------------- child: serve
+
+_forked = False
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+def _refuse_in_fork() -> None:
+    if _forked:
+        raise RuntimeError("sub-calls are not available in a process forked by the code")
+
+
+class _Worker:
+    def __init__(
+        self, spec: WorkerSpec, ctx: zmq.Context[Any], link: PoolLink, client: HandlerClient
+    ) -> None:
+        self.spec = spec
+        self.ctx = ctx
+        self.link = link
+        self.client = client
+        self.repl: Repl | None = None
+        self.calls: SubCalls | None = None
+
+    def serve(self) -> NoReturn:
+        while True:
+            item = self.link.next_message(1000)
+            if item is None:
+                continue
+            message, blobs = item
+            item = None  # the context frame must not outlive its decoding (40 MB and more)
+            if isinstance(message, Assign):
+                loaded = self._assign(message, blobs.pop())
+                self.link.send(loaded.to_wire())
+            elif isinstance(message, Exec):
+                result = self._exec(message)
+                if _forked:  # a child forked by the code came back here: never touch the sockets
+                    os._exit(0)
+                self.link.send(Result(message.id, result).to_wire())
+
+    def _assign(self, msg: Assign, blob: zmq.Frame) -> Loaded:
+        if self.repl is not None:
+            return Loaded(False, error_code="bad_request", error_message="worker already has a session")
+        started = time.perf_counter()
+        try:
+            context = decode_context(msg.context_format, blob.buffer)
+        except ValueError as exc:
+            return Loaded(False, error_code="bad_request", error_message=str(exc))
+        except MemoryError:
+            return Loaded(
+                False,
+                error_code="too_large",
+                error_message=f"the context does not fit in the worker's memory limit "
+                f"({self.spec.memory_mb} MB)",
+            )
+        load_ms = (time.perf_counter() - started) * 1000.0
+        client = self.client
+        if msg.handler is not None and msg.handler != self.spec.handler:
+            client = HandlerClient(msg.handler, context=self.ctx)
+        client.run = msg.run
+        client.depth = msg.depth + 1
+        self.calls = SubCalls(client, self.link, msg.sub_model)
+        self.repl = Repl(
+            context,
+            self.calls,
+            max_output_chars=msg.max_output_chars,
+            rlm_error=msg.rlm_error,
+            on_fork_check=_refuse_in_fork,
+            memory_mb=self.spec.memory_mb,
+        )
+        kind, length, chars = context_shape(context)
+        return Loaded(True, SessionInfo(os.getpid(), kind, length, chars, round(load_ms, 3)))
+
+    def _exec(self, msg: Exec) -> ExecResult:
+        if self.repl is None or self.calls is None:
+            error = ExecError("exception", "RuntimeError", "this worker has no session", "")
+            return ExecResult("", "", error, None, None, 0.0, 0, 0, False)
+        self.calls.exec_timeout_s = msg.timeout_s
+        return self.repl.run(msg.code)
+
+
+def _heartbeat(sock: zmq.Socket[Any], interval_s: float, parent: int) -> None:
+    beat = pack(Heartbeat().to_wire())
+    while True:
+        if os.getppid() != parent:  # the nanny is gone: nobody will reap or report us
+            os._exit(EXIT_ORPHANED)
+        with contextlib.suppress(zmq.Again):
+            sock.send(beat, zmq.NOBLOCK)
+        time.sleep(interval_s)
+
+
+def _child(spec: WorkerSpec, nanny: int) -> NoReturn:
+    os.setsid()
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != nanny:
+        os._exit(EXIT_ORPHANED)
+    ctx: zmq.Context[Any] = zmq.Context()
+    main_sock = ctx.socket(zmq.DEALER)
+    hb_sock = ctx.socket(zmq.DEALER)
+    for sock, ident in ((main_sock, spec.wid), (hb_sock, spec.wid + ":hb")):
+        configure_socket(sock)
+        sock.setsockopt(zmq.ROUTING_ID, ident.encode())
+        if not _connect(sock, spec.pool, spec.connect_timeout_s):
+            log.error("worker %s cannot reach the pool at %s", spec.wid, spec.pool)
+            os._exit(EXIT_NO_POOL)
+    client = HandlerClient(spec.handler, context=ctx)
+    if spec.handler.startswith("ipc://"):
+        # Make the connection now, while the socket file is reachable (see _connect).
+        try:
+            client.ping(timeout_s=2.0)
+        except RlmqError as exc:
+            log.warning(
+                "worker %s: handler %s did not answer a ping: %s", spec.wid, spec.handler, exc.message
+            )
+    _apply_limits(spec)
+    os.chdir(spec.workdir)
+    os.umask(0o077)
+    _drop_privileges(spec)
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot give the code its privileges back
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the uid change cleared it
+    if os.getppid() != nanny:
+        os._exit(EXIT_ORPHANED)
+    os.register_at_fork(after_in_child=_mark_forked)
+    threading.Thread(
+        target=_heartbeat, args=(hb_sock, spec.heartbeat_interval_s, nanny), name="heartbeat", daemon=True
+    ).start()
+    link = PoolLink(main_sock)
+    link.send(Ready(os.getpid()).to_wire())
+    _Worker(spec, ctx, link, client).serve()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="worker: %(levelname)s %(message)s", stream=sys.stderr)
+    if len(argv) != 1:
+        print("usage: python -m sandbox.worker SPEC_JSON (started by the sandbox pool)", file=sys.stderr)
+        return 2
+    spec = WorkerSpec.from_json(argv[0])
+    os.environ.pop("PWD", None)  # set by the launcher's /bin/sh; nothing of the parent's stays
+    _preimport(spec.preimport)
+    parent = os.getppid()
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the pool (or bubblewrap) dies: so do we
+    if os.getppid() != parent:
+        return EXIT_ORPHANED
+    nanny = os.getpid()
+    child = os.fork()
+    if child == 0:
+        try:
+            _child(spec, nanny)
+        except BaseException:
+            log.exception("worker %s failed to start", spec.wid)
+            os._exit(EXIT_SETUP)
+    return _nanny(child)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
