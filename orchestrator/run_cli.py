@@ -16,9 +16,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from protocol.sandbox import AsyncSandboxClient
-
 from protocol import AsyncHandlerClient, RlmqError
+from protocol.sandbox import AsyncSandboxClient
 
 from .contexts import ContextError, load_context
 from .local import local_services
