@@ -8,13 +8,13 @@ the file, because a misspelt ``max_concurency`` silently ignored is a production
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from protocol import DEFAULT_MAX_MESSAGE_BYTES, RlmqError
+from protocol.tables import check_table, field_kinds, read_toml
 
 __all__ = [
     "BACKENDS",
@@ -93,50 +93,17 @@ class HandlerConfig:
     source: str = "<memory>"
 
 
-_MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"alias", "api_key"}
-_HANDLER_KEYS = {f.name for f in fields(HandlerConfig)} - {"models", "source"}
-
-_TYPES: dict[str, tuple[type, ...]] = {}
-for _f in fields(ModelConfig):
-    _t = str(_f.type)
-    _TYPES[_f.name] = (
-        (int,)
-        if _t.startswith("int")
-        else (int, float)
-        if _t.startswith("float")
-        else (bool,)
-        if _t == "bool"
-        else (str,)
-    )
-for _f in fields(HandlerConfig):
-    if _f.name not in _TYPES:
-        _t = str(_f.type)
-        _TYPES[_f.name] = (int,) if _t == "int" else (int, float) if _t == "float" else (str,)
-
-
-def _check_types(table: Mapping[str, Any], where: str, source: str) -> None:
-    for key, value in table.items():
-        kinds = _TYPES.get(key, (object,))
-        if isinstance(value, bool) and bool not in kinds:
-            raise ConfigError(f"{source}: {where}.{key} must be {kinds[0].__name__}, got a boolean")
-        if not isinstance(value, kinds):
-            raise ConfigError(
-                f"{source}: {where}.{key} must be {kinds[0].__name__}, got {type(value).__name__}"
-            )
+_MODEL_KINDS = field_kinds(ModelConfig, exclude=("alias", "api_key"))
+_HANDLER_KINDS = field_kinds(HandlerConfig, exclude=("models", "source"))
 
 
 def _model(alias: str, table: Any, source: str, env: Mapping[str, str]) -> ModelConfig:
     where = f"models.{alias}"
     if not isinstance(table, Mapping):
         raise ConfigError(f"{source}: [{where}] must be a table")
-    unknown = sorted(set(table) - _MODEL_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key {unknown[0]!r} in [{where}]; known keys: {', '.join(sorted(_MODEL_KEYS))}"
-        )
+    check_table(table, _MODEL_KINDS, where=where, source=source, error=ConfigError)
     if "backend" not in table:
         raise ConfigError(f"{source}: [{where}] needs 'backend' (one of {', '.join(sorted(BACKENDS))})")
-    _check_types(table, where, source)
     backend = table["backend"]
     if backend not in BACKENDS:
         raise ConfigError(
@@ -186,27 +153,10 @@ def parse_config(
     handler = data.get("handler", {})
     if not isinstance(handler, Mapping):
         raise ConfigError(f"{source}: [handler] must be a table")
-    unknown = sorted(set(handler) - _HANDLER_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key {unknown[0]!r} in [handler]; "
-            f"known keys: {', '.join(sorted(_HANDLER_KEYS))}"
-        )
-    _check_types(handler, "handler", source)
+    check_table(handler, _HANDLER_KINDS, where="handler", source=source, error=ConfigError)
     return HandlerConfig(models=models, source=source, **handler)
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> HandlerConfig:
     """Read and validate a TOML config file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-    return parse_config(data, source=str(p), env=env)
+    return parse_config(read_toml(path, error=ConfigError), source=str(path), env=env)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from protocol import RlmqError, RunLimits
+from protocol.tables import check_table, field_kinds, read_toml
 
 __all__ = ["RunSettings", "SettingsError", "load_run_settings"]
 
@@ -62,40 +62,19 @@ class RunSettings:
         return self
 
 
-_FIELDS = {f.name: f for f in fields(RunSettings)}
-
-
-def _coerce(name: str, value: Any, source: str) -> Any:
-    kind = str(_FIELDS[name].type)
-    if isinstance(value, bool) and kind != "bool":
-        raise SettingsError(f"{source}: [run] {name} must be a number, got a boolean")
-    if kind.startswith("int") and not isinstance(value, int):
-        raise SettingsError(f"{source}: [run] {name} must be an integer, got {type(value).__name__}")
-    if kind.startswith("float") and not isinstance(value, int | float):
-        raise SettingsError(f"{source}: [run] {name} must be a number, got {type(value).__name__}")
-    if kind.startswith("str") and not isinstance(value, str):
-        raise SettingsError(f"{source}: [run] {name} must be a string, got {type(value).__name__}")
-    return float(value) if kind.startswith("float") else value
+_KINDS = field_kinds(RunSettings)
 
 
 def settings_from_table(table: Mapping[str, Any], *, source: str = "<memory>") -> RunSettings:
-    unknown = sorted(set(table) - set(_FIELDS))
-    if unknown:
-        raise SettingsError(
-            f"{source}: unknown key {unknown[0]!r} in [run]; known keys: {', '.join(sorted(_FIELDS))}"
-        )
-    return RunSettings(**{k: _coerce(k, v, source) for k, v in table.items()})
+    check_table(table, _KINDS, where="run", source=source, error=SettingsError)
+    return RunSettings(**table)
 
 
 def load_run_settings(path: str | Path | None, overrides: Mapping[str, Any]) -> RunSettings:
     """Settings from the ``[run]`` table of ``path`` (if it exists), then ``overrides`` (flags)."""
     settings = RunSettings()
     if path is not None and Path(path).exists():
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"{path}: not valid TOML: {exc}") from None
-        table = data.get("run", {})
+        table = read_toml(path, error=SettingsError).get("run", {})
         if not isinstance(table, Mapping):
             raise SettingsError(f"{path}: [run] must be a table")
         settings = settings_from_table(table, source=str(path))

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from protocol import RlmqError
+from protocol.tables import check_table, field_kinds, read_toml
 
 from .spec import DEFAULT_PREIMPORT
 
@@ -85,39 +85,15 @@ class PoolConfig:
         return self.heartbeat_interval_s * self.heartbeat_liveness
 
 
-_KINDS: dict[str, tuple[type, ...]] = {}
-for _f in fields(PoolConfig):
-    _t = str(_f.type)
-    _KINDS[_f.name] = (
-        (int,)
-        if _t.startswith("int")
-        else (int, float)
-        if _t.startswith("float")
-        else (bool,)
-        if _t == "bool"
-        else (list,)
-        if _t.startswith("tuple")
-        else (str,)
-    )
+_KINDS = field_kinds(PoolConfig)
 _KINDS["uid_base"] = (int, bool)  # `uid_base = false` in TOML: keep the pool's uid
 
 
 def build_config(table: Mapping[str, Any], *, source: str = "<memory>", **overrides: Any) -> PoolConfig:
     """A ``PoolConfig`` from a ``[sandbox]`` table; ``overrides`` (flags) win over the table."""
-    unknown = sorted(set(table) - set(_KINDS))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key {unknown[0]!r} in [sandbox]; known keys: {', '.join(sorted(_KINDS))}"
-        )
+    check_table(table, _KINDS, where="sandbox", source=source, error=ConfigError)
     values: dict[str, Any] = {}
     for key, value in table.items():
-        kinds = _KINDS[key]
-        if isinstance(value, bool) and bool not in kinds:
-            raise ConfigError(f"{source}: [sandbox] {key} must be {kinds[0].__name__}, got a boolean")
-        if not isinstance(value, kinds):
-            raise ConfigError(
-                f"{source}: [sandbox] {key} must be {kinds[0].__name__}, got {type(value).__name__}"
-            )
         if key == "uid_base" and isinstance(value, bool):
             if value:
                 raise ConfigError(
@@ -138,14 +114,7 @@ def build_config(table: Mapping[str, Any], *, source: str = "<memory>", **overri
 
 def load_table(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``[sandbox]`` table of a TOML file (the shared rlmq.toml); empty if it has none."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    table = data.get("sandbox", {})
+    table = read_toml(path, error=ConfigError).get("sandbox", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [sandbox] must be a table")
     return table

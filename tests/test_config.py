@@ -65,7 +65,7 @@ def test_design_example_loads(tmp_path: Path) -> None:
         ('[models.a]\nmodel = "x"\n', "needs 'backend'"),
         ('[models.a]\nbackend = "openai"\n', "needs 'model'"),
         ('[models.a]\nbackend = "script"\n', "needs 'path'"),
-        ('[models.a]\nbackend = "echo"\nlatency_ms = "fast"\n', "models.a.latency_ms must be"),
+        ('[models.a]\nbackend = "echo"\nlatency_ms = "fast"\n', "[models.a] latency_ms must be"),
         ('[models.a]\nbackend = "echo"\nmax_concurrency = true\n', "got a boolean"),
         ('[models.a]\nbackend = "echo"\nmax_concurrency = 0\n', "at least 1"),
         (
