@@ -46,6 +46,7 @@ from .messages import (
     _opt_str,
     _str,
 )
+from .security import CurveClientKeys, connect
 
 __all__ = [
     "CONTEXT_FORMATS",
@@ -764,14 +765,16 @@ class AsyncSandboxClient:
         *,
         context: zmq.asyncio.Context | None = None,
         timeout_s: float = 60.0,
+        curve: CurveClientKeys | None = None,
     ) -> None:
+        """``curve``: keys for a pool that requires CURVE (see ``protocol.security``)."""
         self.address = address
         self.timeout_s = timeout_s
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         configure_socket(self._sock)
-        self._sock.connect(address)
+        connect(self._sock, address, curve)
         self._ids = _Ids()
         self._pending: dict[str, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._sessions: dict[str, Session] = {}

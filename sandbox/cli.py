@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 
 from protocol import RlmqError
+from protocol.security import CurveError, client_keys_from_env, server_keys_from_env
 
 from .config import ConfigError, build_config, load_table
 from .pool import Pool
@@ -67,8 +69,13 @@ def main(args: argparse.Namespace) -> int:
             workers=args.workers,
             isolation=getattr(args, "isolation", None),
         )
-        pool = Pool(config)
-    except ConfigError as exc:
+        # Keys are secrets: they come from the environment (or files it names), never flags.
+        pool = Pool(
+            config,
+            curve_server=server_keys_from_env(os.environ),
+            curve_client=client_keys_from_env(os.environ),
+        )
+    except (ConfigError, CurveError) as exc:
         log.error("%s", exc.message)
         return 2
     try:

@@ -27,6 +27,7 @@ import zmq
 
 import protocol
 from protocol.client import configure_socket
+from protocol.security import CurveClientKeys, connect
 
 from . import procs
 from .config import PoolConfig
@@ -254,8 +255,11 @@ class HandlerProxy:
     leads to the handler only. The handler echoes envelopes, so replies find their worker.
     """
 
-    def __init__(self, upstream: str, path: str, *, public: bool = False) -> None:
+    def __init__(
+        self, upstream: str, path: str, *, public: bool = False, curve: CurveClientKeys | None = None
+    ) -> None:
         self.upstream = upstream
+        self.curve = curve  # CURVE client keys for an upstream that requires them
         self.path = path
         self.address = f"ipc://{path}"
         self.public = public  # world-connectable: for workers that connect after the uid drop
@@ -282,7 +286,7 @@ class HandlerProxy:
             if self.public:
                 # Deliberate: reached by workers after their uid drop; it leads to the handler only.
                 os.chmod(self.path, 0o666)  # noqa: S103
-            back.connect(self.upstream)
+            connect(back, self.upstream, self.curve)
             control.bind(self._control_address)
         except BaseException as exc:
             self._error = exc

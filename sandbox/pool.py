@@ -68,6 +68,7 @@ from protocol.sandbox import (
     decode_sandbox_request,
     split_delimited,
 )
+from protocol.security import CurveClientKeys, CurveServerKeys, ServerSecurity, uses_curve
 
 from . import procs
 from ._wire import (
@@ -223,12 +224,24 @@ def _mark_retrieved(future: asyncio.Future[Any]) -> None:
 class Pool:
     """Serve the sandbox session protocol on ``config.bind`` until ``stop``."""
 
-    def __init__(self, config: PoolConfig, *, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        context: zmq.asyncio.Context | None = None,
+        curve_server: CurveServerKeys | None = None,
+        curve_client: CurveClientKeys | None = None,
+    ) -> None:
+        """``curve_server``: keys for clients reaching the pool over TCP (required beyond
+        loopback). ``curve_client``: keys for reaching a handler that requires CURVE; then the
+        workers reach it through a proxy in the pool, so they never hold a key."""
         if not config.handler:
             raise ConfigError("the pool needs a handler address (--handler)")
         self.config = config
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
+        self._security = ServerSecurity(self._ctx, curve_server)
+        self._curve_client = curve_client
         self.address: str | None = None
         self._clients: zmq.asyncio.Socket | None = None
         self._worker_sock: zmq.asyncio.Socket | None = None
@@ -289,14 +302,22 @@ class Pool:
         wsock.setsockopt(zmq.MAXMSGSIZE, self.config.max_context_bytes + 16 * 1024 * 1024)
         wsock.bind(f"ipc://{self._ipc_dir / 'workers.sock'}")
         self._worker_sock = wsock
+        handler_curve = (
+            self._curve_client if uses_curve(self.config.handler, self._curve_client is not None) else None
+        )
         if self._bwrap is not None:
-            proxy = HandlerProxy(self.config.handler, str(self._ipc_dir / "handler.sock"))
+            proxy = HandlerProxy(
+                self.config.handler, str(self._ipc_dir / "handler.sock"), curve=handler_curve
+            )
             self._worker_handler = await self._blocking(proxy.start)
             self._proxies[self.config.handler] = proxy
+        elif handler_curve is not None:
+            # Workers run untrusted code: the CURVE client key stays in the pool, in a proxy.
+            self._worker_handler = await self._public_proxy(self.config.handler, curve=handler_curve)
         csock = self._ctx.socket(zmq.ROUTER)
         configure_socket(csock)
         self._clients = csock
-        self.address = _bind(csock, self.config.bind)
+        self.address = self._security.bind(csock, self.config.bind)
         self._spawn_task(self._serve_clients())
         self._spawn_task(self._serve_workers())
         self._spawn_task(self._housekeeping())
@@ -381,6 +402,7 @@ class Pool:
         for sock in (self._clients, self._worker_sock):
             if sock is not None:
                 sock.close(linger=0)
+        self._security.close()
         self._executor.shutdown(wait=True)
         if self._own_context:
             self._ctx.term()
@@ -600,14 +622,15 @@ class Pool:
             raise PoolFailure(ErrorCode.TOO_LARGE, f"{path} is over max_context_bytes {limit:,}")
         return fmt, data
 
-    async def _public_proxy(self, upstream: str) -> str:
-        """bwrap: a per-session handler is reached through a proxy the worker may connect to
-        after its uid drop (the socket is world-connectable in a directory it can traverse)."""
+    async def _public_proxy(self, upstream: str, *, curve: CurveClientKeys | None = None) -> str:
+        """A handler reached through a proxy the worker may connect to after its uid drop (the
+        socket is world-connectable in a directory it can traverse): for a per-session handler
+        under bwrap, and for a handler that requires CURVE (the key stays in the pool)."""
         proxy = self._proxies.get(upstream)
         if proxy is None:
             assert self._public_dir is not None
             path = str(self._public_dir / f"handler-{len(self._proxies)}.sock")
-            proxy = HandlerProxy(upstream, path, public=True)
+            proxy = HandlerProxy(upstream, path, public=True, curve=curve)
             self._proxies[upstream] = proxy
             await self._blocking(proxy.start)
         return proxy.address
@@ -1302,12 +1325,3 @@ def _make_dirs() -> Path:
     (base / "ipc").mkdir(mode=0o700)
     (base / "public").mkdir(mode=0o711)
     return base
-
-
-def _bind(sock: zmq.Socket[Any], address: str) -> str:
-    """Bind, accepting port 0 or * for a free port; returns the address actually bound."""
-    if address.startswith("tcp://") and (address.endswith(":0") or address.endswith(":*")):
-        address = address.rsplit(":", 1)[0] + ":*"
-    sock.bind(address)
-    bound = sock.getsockopt(zmq.LAST_ENDPOINT)
-    return bound.decode() if isinstance(bound, bytes) else str(bound)

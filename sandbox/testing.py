@@ -14,6 +14,8 @@ from typing import Any
 
 import zmq.asyncio
 
+from protocol.security import CurveClientKeys, CurveServerKeys
+
 from .config import PoolConfig
 from .pool import Pool
 
@@ -27,13 +29,17 @@ async def running_pool(
     bind: str = "tcp://127.0.0.1:0",
     context: zmq.asyncio.Context | None = None,
     wait_ready: bool = True,
+    curve_server: CurveServerKeys | None = None,
+    curve_client: CurveClientKeys | None = None,
     **settings: Any,
 ) -> AsyncIterator[Pool]:
     """A pool serving in this event loop on a free port, with its warm workers ready (unless
-    ``wait_ready`` is false); every worker is killed and every temp dir removed on exit."""
-    pool = Pool(PoolConfig(handler=handler_address, bind=bind, **settings), context=context)
-    await pool.start()
+    ``wait_ready`` is false); every worker is killed and every temp dir removed on exit, also
+    when starting fails."""
+    config = PoolConfig(handler=handler_address, bind=bind, **settings)
+    pool = Pool(config, context=context, curve_server=curve_server, curve_client=curve_client)
     try:
+        await pool.start()
         if wait_ready:
             await pool.wait_ready()
         yield pool
