@@ -41,10 +41,18 @@ class Run:
     cached_calls: int = 0
     failed_calls: int = 0
     in_flight: int = 0
-    usage: Usage = field(default_factory=Usage)
+    # Token totals as plain ints: adding a frozen Usage per finished call costs more than the call.
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
     cost_usd: float = 0.0
     closed: bool = False
     exceeded: str | None = None
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.input_tokens, self.output_tokens, self.cache_read_tokens, self.cache_write_tokens)
 
     def _refuse(self, limit: str, message: str) -> BudgetExceeded:
         if self.exceeded is None:
@@ -60,15 +68,15 @@ class Run:
             raise self._refuse("deadline_s", f"deadline of {lim.deadline_s:g} s has passed")
         if lim.max_calls is not None and self.calls >= lim.max_calls:
             raise self._refuse("max_calls", f"call limit of {lim.max_calls} reached")
-        if lim.max_input_tokens is not None and self.usage.input_tokens >= lim.max_input_tokens:
+        if lim.max_input_tokens is not None and self.input_tokens >= lim.max_input_tokens:
             raise self._refuse(
                 "max_input_tokens",
-                f"input token limit of {lim.max_input_tokens} reached ({self.usage.input_tokens} used)",
+                f"input token limit of {lim.max_input_tokens} reached ({self.input_tokens} used)",
             )
-        if lim.max_output_tokens is not None and self.usage.output_tokens >= lim.max_output_tokens:
+        if lim.max_output_tokens is not None and self.output_tokens >= lim.max_output_tokens:
             raise self._refuse(
                 "max_output_tokens",
-                f"output token limit of {lim.max_output_tokens} reached ({self.usage.output_tokens} used)",
+                f"output token limit of {lim.max_output_tokens} reached ({self.output_tokens} used)",
             )
         if lim.max_cost_usd is not None and self.cost_usd >= lim.max_cost_usd:
             raise self._refuse(
@@ -77,6 +85,17 @@ class Run:
             )
         self.calls += 1
         self.in_flight += 1
+
+    def admit_call(self, max_tokens: int, timeout_s: float) -> tuple[int, float]:
+        """``admit``, then the call's ``max_tokens`` clamped to the output tokens left and its
+        timeout to the run's deadline."""
+        self.admit()
+        lim = self.limits
+        if lim.max_output_tokens is not None:
+            max_tokens = max(1, min(max_tokens, lim.max_output_tokens - self.output_tokens))
+        if lim.deadline_s is not None:
+            timeout_s = min(timeout_s, max(0.0, lim.deadline_s - (time.monotonic() - self.opened)))
+        return max_tokens, timeout_s
 
     def admit_cached(self) -> None:
         """A cache hit is free: it needs an open run but spends nothing."""
@@ -87,7 +106,7 @@ class Run:
     def clamp_max_tokens(self, max_tokens: int) -> int:
         if self.limits.max_output_tokens is None:
             return max_tokens
-        return max(1, min(max_tokens, self.limits.max_output_tokens - self.usage.output_tokens))
+        return max(1, min(max_tokens, self.limits.max_output_tokens - self.output_tokens))
 
     def remaining_s(self) -> float | None:
         if self.limits.deadline_s is None:
@@ -100,7 +119,10 @@ class Run:
         if usage is None:
             self.failed_calls += 1
             return
-        self.usage = self.usage + usage
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.cache_read_tokens += usage.cache_read_tokens
+        self.cache_write_tokens += usage.cache_write_tokens
         self.cost_usd += cost_usd
 
     def snapshot(self) -> RunUsage:

@@ -22,6 +22,7 @@ from .messages import (
     Request,
     RunUsageReply,
     StatsReply,
+    Usage,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "decode_reply",
     "decode_request",
     "encode",
+    "encode_complete_reply",
     "pack",
     "peek_id",
     "split_envelope",
@@ -39,6 +41,9 @@ __all__ = [
 # 64 MiB: room for a 10M-token context (about 40 MB of text) in one frame, with headroom.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
+
+
+_packb = msgpack.packb
 
 
 def pack(obj: Mapping[str, Any]) -> bytes:
@@ -87,19 +92,67 @@ def encode(message: Request | Reply) -> bytes:
     return pack(message.to_wire())
 
 
-def _read_id(obj: Mapping[str, Any]) -> str | None:
-    rid = obj.get("id")
-    return rid if isinstance(rid, str) else None
+# ASCII texts at least this long are packed into a buffer sized for them up front, and the frame
+# is a view of that buffer: packb grows its buffer by reallocation and copies the result once more
+# (10 MB: 2.4 ms with packb, 0.7 ms this way). 64 KiB is where ZeroMQ stops copying what it sends.
+LARGE_REPLY_CHARS = 1 << 16
+_Packer: Any = msgpack.Packer
+try:  # the compiled Packer takes buf_size; msgpack's pure-Python fallback does not
+    _Packer(buf_size=16)
+    _PRESIZED = True
+except TypeError:
+    _PRESIZED = False
+
+
+def encode_complete_reply(
+    rid: str,
+    text: str,
+    model: str,
+    usage: Usage,
+    *,
+    cached: bool,
+    retries: int,
+    latency_ms: float,
+    stop_reason: str | None,
+) -> bytes | memoryview:
+    """``encode(CompleteReply(...))`` without building the dataclass and its nested maps first:
+    the handler sends one of these per model call. Same bytes (a test keeps it so); a view of
+    them for texts of ``LARGE_REPLY_CHARS`` or more."""
+    wire = {
+        "v": PROTOCOL_VERSION,
+        "id": rid,
+        "ok": True,
+        "text": text,
+        "model": model,
+        "usage": {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_read_tokens": usage.cache_read_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
+        "cached": cached,
+        "retries": retries,
+        "latency_ms": latency_ms,
+        "stop_reason": stop_reason,
+    }
+    if len(text) < LARGE_REPLY_CHARS or not _PRESIZED or not text.isascii():  # isascii: a flag
+        data: bytes = _packb(wire, use_bin_type=True)
+        return data
+    # ASCII text is as long in UTF-8; the rest of the map is small.
+    packer = _Packer(use_bin_type=True, autoreset=False, buf_size=len(text) + 4096)
+    packer.pack(wire)
+    view: memoryview = packer.getbuffer()  # keeps the packer's buffer alive while referenced
+    return view
 
 
 def decode_request(payload: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Request:
     """Payload frame to a validated request; raises a ``ProtocolError`` subclass otherwise."""
     obj = unpack(payload, max_bytes=max_bytes)
-    rid = _read_id(obj)
-    if rid is None:
+    rid = obj.get("id")
+    if type(rid) is not str:
         raise DecodeError("missing or non-string field 'id'")
     version = obj.get("v")
-    if isinstance(version, bool) or not isinstance(version, int):
+    if type(version) is not int:  # bool is not a version, and msgpack makes no int subclasses
         raise DecodeError("missing or non-integer field 'v'", request_id=rid)
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion(
@@ -107,7 +160,7 @@ def decode_request(payload: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_
             request_id=rid,
         )
     op = obj.get("op")
-    if not isinstance(op, str):
+    if type(op) is not str:
         raise DecodeError("missing or non-string field 'op'", request_id=rid)
     parser = REQUEST_TYPES.get(op)
     if parser is None:

@@ -286,6 +286,9 @@ class CompleteRequest:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], rid: str) -> CompleteRequest:
+        fast = _complete_fast(d, rid)
+        if fast is not None:
+            return fast
         model = _str(d, "model", rid)
         raw = d.get("messages")
         if raw is None:
@@ -312,6 +315,91 @@ class CompleteRequest:
             run=_opt_str(d, "run", rid),
             depth=_opt_int(d, "depth", rid) or 0,
         )
+
+
+# The hot path of the handler decodes one CompleteRequest per model call. These build one
+# without the frozen dataclass's per-field ``object.__setattr__`` detour, from values the fast
+# validator below has already checked; the result is the same immutable object.
+_new = object.__new__
+_set_role = ChatMessage.__dict__["role"].__set__
+_set_content = ChatMessage.__dict__["content"].__set__
+_CR_SETTERS = tuple(
+    CompleteRequest.__dict__[name].__set__
+    for name in ("id", "model", "messages", "max_tokens", "temperature", "timeout_s", "run", "depth")
+)
+_ROLES = ChatMessage.ROLES
+
+
+def _chat(role: str, content: str) -> ChatMessage:
+    m: ChatMessage = _new(ChatMessage)
+    _set_role(m, role)
+    _set_content(m, content)
+    return m
+
+
+def _complete_fast(d: Mapping[str, Any], rid: str) -> CompleteRequest | None:
+    """The common, well-formed ``complete``: every field of exactly its type and in range.
+
+    Returns None for anything else, and the field readers of ``from_wire`` then say precisely
+    what is wrong; so this shortcut never changes what is accepted or the error a client sees.
+    """
+    get = d.get
+    model = get("model")
+    if type(model) is not str:
+        return None
+    raw = get("messages")
+    if raw is None:
+        prompt = get("prompt")
+        if type(prompt) is not str:
+            return None
+        messages: tuple[ChatMessage, ...] = (_chat("user", prompt),)
+    else:
+        if type(raw) is not list or not raw:
+            return None
+        out = []
+        for m in raw:
+            if type(m) is not dict:
+                return None
+            role = m.get("role")
+            content = m.get("content")
+            if type(role) is not str or role not in _ROLES or type(content) is not str:
+                return None
+            out.append(_chat(role, content))
+        messages = tuple(out)
+    max_tokens = get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+        return None
+    temperature = get("temperature")
+    if temperature is not None:
+        kind = type(temperature)
+        if (kind is not float and kind is not int) or temperature < 0:
+            return None
+        temperature = float(temperature)
+    timeout_s = get("timeout_s")
+    if timeout_s is not None:
+        kind = type(timeout_s)
+        if (kind is not float and kind is not int) or timeout_s < 0:
+            return None
+        timeout_s = float(timeout_s)
+    run = get("run")
+    if run is not None and type(run) is not str:
+        return None
+    depth = get("depth")
+    if depth is None:
+        depth = 0
+    elif type(depth) is not int or depth < 0:
+        return None
+    req: CompleteRequest = _new(CompleteRequest)
+    s_id, s_model, s_messages, s_max_tokens, s_temperature, s_timeout_s, s_run, s_depth = _CR_SETTERS
+    s_id(req, rid)
+    s_model(req, model)
+    s_messages(req, messages)
+    s_max_tokens(req, max_tokens)
+    s_temperature(req, temperature)
+    s_timeout_s(req, timeout_s)
+    s_run(req, run)
+    s_depth(req, depth)
+    return req
 
 
 @dataclass(frozen=True, slots=True)

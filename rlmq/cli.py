@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("orchestrator.up_cli", "start a handler and a sandbox pool on this machine"),
     "handler": ("lmhandler.cli", "run the LM handler (relays every model call; holds the API keys)"),
     "sandbox": ("sandbox.cli", "run a sandbox pool (executes model-written code in isolated workers)"),
+    "loadtest": ("lmhandler.loadtest", "drive a handler with load and report throughput, latency and errors"),
     "fake-provider": (
         "lmhandler.fakeprovider",
         "serve the Anthropic and OpenAI HTTP APIs locally, with fault injection, for tests and load tests",
