@@ -61,6 +61,9 @@ class ModelConfig:
     price_cache_read_per_mtok: float | None = None
     price_cache_write_per_mtok: float | None = None
     cache_entries: int = 0  # response cache size; 0 turns it off
+    retry_budget_ratio: float = 0.5  # retries may be at most this share of recent requests
+    breaker_threshold: int = 5  # consecutive provider-down errors that open the circuit
+    breaker_cooldown_s: float = 2.0  # fail fast this long, then probe (doubling up to 30 s)
     prompt_caching: bool = True  # anthropic: mark the stable prefix with cache_control
     latency_ms: float = 0.0  # echo
     path: str | None = None  # script: JSON list of strings

@@ -14,10 +14,11 @@ __all__ = ["TokenBucket"]
 
 
 class TokenBucket:
-    def __init__(self, per_minute: float, *, burst_s: float = 1.0) -> None:
+    def __init__(self, per_minute: float, *, burst_s: float = 0.2) -> None:
         self.rate = per_minute / 60.0
-        # A burst of one second's worth (at least one unit) keeps the provider's per-second
-        # limiter happy while a full minute's allowance is still usable over the minute.
+        # A small burst (a fifth of a second's worth, at least one unit): providers count in
+        # one-second windows, and a full second of burst plus a second of refill can land in one
+        # window, twice the rate. With 0.2 s, any window sees at most 1.2x the configured rate.
         self.capacity = max(1.0, self.rate * burst_s)
         self.level = self.capacity
         self.updated = time.monotonic()

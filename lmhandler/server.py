@@ -87,6 +87,7 @@ from .backends import (
 from .cache import ResponseCache, cache_key
 from .config import HandlerConfig, ModelConfig
 from .pacing import TokenBucket
+from .shaping import AdaptiveLimit, CircuitBreaker, CircuitOpen, RetryBudget
 from .stats import ModelStats, ServerStats
 
 __all__ = ["Handler", "bind_socket"]
@@ -189,7 +190,12 @@ class _Model:
     def __init__(self, config: ModelConfig, backend: Backend) -> None:
         self.config = config
         self.backend = backend
-        self.slots = asyncio.Semaphore(config.max_concurrency)
+        # In flight to the provider: starts at max_concurrency, halves on 429/529, grows back.
+        self.slots = AdaptiveLimit(config.max_concurrency, minimum=min(4, config.max_concurrency))
+        self.breaker = CircuitBreaker(
+            threshold=config.breaker_threshold, cooldown_s=config.breaker_cooldown_s
+        )
+        self.retry_budget = RetryBudget(config.retry_budget_ratio)
         self.cache = ResponseCache(config.cache_entries) if config.cache_entries > 0 else None
         self.rpm = TokenBucket(config.rpm) if config.rpm else None
         self.tpm = TokenBucket(config.tpm) if config.tpm else None
@@ -598,9 +604,18 @@ class Handler:
                 "by_op": dict(s.by_op),
                 "errors": dict(s.errors),
                 "runs_open": len(self.runs.open),
-                "models": {alias: m.stats.to_wire() for alias, m in self.models.items()},
+                "models": {alias: self._model_stats(m) for alias, m in self.models.items()},
             },
         )
+
+    @staticmethod
+    def _model_stats(model: _Model) -> dict[str, Any]:
+        return {
+            **model.stats.to_wire(),
+            "concurrency": model.slots.to_wire(),
+            "breaker": model.breaker.to_wire(),
+            "retry_budget": model.retry_budget.to_wire(),
+        }
 
     def _run_open(self, req: RunOpenRequest) -> Reply:
         return RunUsageReply(req.id, self.runs.open_run(req.run, req.limits).snapshot())
@@ -787,6 +802,7 @@ class Handler:
                 raise _Failure(ErrorCode.BUDGET_EXCEEDED, str(exc)) from None
             except RunClosed as exc:
                 raise _Failure(ErrorCode.RUN_CLOSED, str(exc)) from None
+        model.retry_budget.on_request()
         backend_req = BackendRequest(
             model=cfg.model,
             messages=req.messages,
@@ -914,6 +930,14 @@ class Handler:
                 retryable=failed.retryable,
                 retry_after_s=failed.retry_after_s,
             ) from None
+        if not model.retry_budget.try_retry():
+            # Retries are already a large share of this model's traffic: do not multiply an outage.
+            raise _Failure(
+                failed.code,
+                f"{failed.message} (not retried: the retry budget of {cfg.alias} is spent)",
+                retryable=failed.retryable,
+                retry_after_s=failed.retry_after_s,
+            ) from None
         attempt += 1
         model.stats.retries += 1
         log.info("retrying %s in %.2f s after %s (attempt %d)", cfg.alias, delay, failed.code, attempt)
@@ -930,6 +954,17 @@ class Handler:
 
     async def _attempt(self, model: _Model, req: BackendRequest) -> Completion:
         stats = model.stats
+        try:
+            model.breaker.before_call()
+        except CircuitOpen as exc:
+            # The provider looks down: fail fast instead of queueing into its outage.
+            raise _Failure(
+                ErrorCode.UNAVAILABLE,
+                f"{model.config.alias} is failing ({model.breaker.failures} errors in a row); "
+                f"requests fail fast for {exc.retry_after_s:.1f} s more, then one probe tries again",
+                retryable=True,
+                retry_after_s=round(exc.retry_after_s, 3),
+            ) from None
         stats.queued += 1
         try:
             await model.slots.acquire()
@@ -943,10 +978,28 @@ class Handler:
                 estimate = sum(estimate_tokens(m.content) for m in req.messages) + req.max_tokens
                 await model.tpm.acquire(estimate)
             stats.sent += 1
-            completion = await model.backend.complete(req)
+            try:
+                completion = await model.backend.complete(req)
+            except BackendError as exc:
+                _observe_failure(model, exc)
+                raise
+            model.breaker.on_success()
+            model.slots.on_success()
             if model.tpm is not None:
                 u = completion.usage
                 model.tpm.adjust(u.input_tokens + u.output_tokens - estimate)
             return completion
         finally:
             model.slots.release()
+
+
+# Failures that say the provider is down (not busy, not refusing this request).
+_DOWN_CODES = frozenset({ErrorCode.BACKEND_ERROR, ErrorCode.TIMEOUT})
+
+
+def _observe_failure(model: _Model, exc: BackendError) -> None:
+    """Feed one failed attempt to the model's adaptive limit and circuit breaker."""
+    if exc.code in (ErrorCode.RATE_LIMITED, ErrorCode.OVERLOADED):
+        model.slots.on_overload()
+    down = exc.code in _DOWN_CODES and exc.retryable and (exc.status is None or exc.status >= 500)
+    model.breaker.on_failure(provider_down=down)

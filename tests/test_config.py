@@ -102,10 +102,11 @@ def test_parse_config_in_memory() -> None:
 
 
 async def test_token_bucket_paces_a_burst() -> None:
-    bucket = TokenBucket(per_minute=600)  # 10 a second, burst of 10
+    bucket = TokenBucket(per_minute=600, burst_s=1.0)  # 10 a second, burst of 10
     started = time.monotonic()
     await asyncio.gather(*(bucket.acquire() for _ in range(15)))
     # 10 go at once, 5 more need half a second of refill
     assert time.monotonic() - started >= 0.45
+    assert TokenBucket(per_minute=600).capacity == 2  # the default burst: a fifth of a second
     bucket.adjust(-100)  # refunds never exceed the capacity
     assert bucket.level <= bucket.capacity

@@ -1,0 +1,123 @@
+"""Adaptive concurrency, retry budget and circuit breaker, with a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lmhandler import shaping
+from lmhandler.shaping import AdaptiveLimit, CircuitBreaker, CircuitOpen, RetryBudget
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(shaping.time, "monotonic", c)
+    return c
+
+
+async def test_limit_halves_on_overload_once_per_interval_and_grows_back(clock: Clock) -> None:
+    limit = AdaptiveLimit(64, minimum=2)
+    limit.on_overload()
+    limit.on_overload()  # the same burst of 429s: counted once
+    assert int(limit.limit) == 32
+    clock.now += 1.5
+    limit.on_overload()
+    assert int(limit.limit) == 16
+    for _ in range(16 * 3):
+        limit.on_success()
+    assert 18 <= int(limit.limit) <= 19  # about one step per round trip
+    for _ in range(10):
+        clock.now += 2
+        limit.on_overload()
+    assert int(limit.limit) == 2  # never below the minimum
+
+
+async def test_limit_queues_in_order_and_admits_as_it_grows() -> None:
+    limit = AdaptiveLimit(2)
+    await limit.acquire()
+    await limit.acquire()
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        await limit.acquire()
+        order.append(i)
+
+    tasks = [asyncio.ensure_future(wait(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    assert limit.waiting == 3
+    limit.release()
+    await asyncio.sleep(0)
+    assert order == [0]
+    limit.release()
+    limit.release()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2]
+    assert limit.in_flight == 2
+
+
+async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
+    limit = AdaptiveLimit(1)
+    await limit.acquire()
+    waiter = asyncio.ensure_future(limit.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    limit.release()
+    assert limit.in_flight == 0
+    await asyncio.wait_for(limit.acquire(), 1)
+
+
+def test_retry_budget_caps_retries_to_a_share_of_requests(clock: Clock) -> None:
+    budget = RetryBudget(ratio=0.5, reserve=2)
+    for _ in range(100):
+        budget.on_request()
+    allowed = sum(budget.try_retry() for _ in range(200))
+    assert allowed == 52  # 100 requests x 0.5 + the reserve
+    assert budget.refused == 148
+    clock.now += 30  # an outage later does not spend an old calm period's deposits
+    budget.on_request()
+    assert sum(budget.try_retry() for _ in range(10)) <= 2
+
+
+def test_breaker_opens_fails_fast_probes_and_closes(clock: Clock) -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown_s=2, max_cooldown_s=8)
+    for _ in range(3):
+        breaker.before_call()
+        breaker.on_failure(provider_down=True)
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpen) as info:
+        breaker.before_call()
+    assert info.value.retry_after_s == pytest.approx(2)
+    clock.now += 2.1
+    breaker.before_call()  # the probe
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()  # only one probe at a time
+    breaker.on_failure(provider_down=True)
+    assert (breaker.state, breaker.cooldown_s) == ("open", 4)
+    clock.now += 4.1
+    breaker.before_call()
+    breaker.on_success()
+    assert breaker.state == "closed"
+    breaker.before_call()
+
+
+def test_rate_limits_and_client_errors_do_not_trip_the_breaker() -> None:
+    breaker = CircuitBreaker(threshold=2)
+    for _ in range(10):
+        breaker.on_failure(provider_down=False)
+    assert breaker.state == "closed"
+    breaker.on_failure(provider_down=True)
+    breaker.on_failure(provider_down=False)  # an answer in between: the provider is up
+    breaker.on_failure(provider_down=True)
+    assert breaker.state == "closed"
