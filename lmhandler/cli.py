@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
+
+from protocol.security import CurveError, server_keys_from_env
 
 from .config import ConfigError, load_config
 from .server import Handler
@@ -22,9 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bind",
+        action="append",
         default=None,
         help="address to listen on, e.g. tcp://127.0.0.1:5555 or ipc:///tmp/rlmq.sock "
-        "(default: [handler] bind in the config, else tcp://127.0.0.1:5555); port 0 picks a free port",
+        "(default: [handler] bind in the config, else tcp://127.0.0.1:5555); port 0 picks a free port; "
+        "repeat to listen on several. TCP beyond loopback needs CURVE keys in the environment "
+        "(RLMQ_CURVE_SERVER_SECRET and RLMQ_CURVE_CLIENTS, from `rlmq keys`)",
     )
     parser.add_argument(
         "--grace-s",
@@ -38,6 +44,8 @@ async def _serve(handler: Handler) -> None:
     await handler.start()
     # The one line scripts wait for: the address is final only after bind.
     print(f"lmhandler ready on {handler.address}", flush=True)
+    for extra in handler.addresses[1:]:
+        log.info("lmhandler also listening on %s", extra)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -54,13 +62,18 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", exc.message)
         return 2
     if args.bind:
-        config = dataclasses.replace(config, bind=args.bind)
+        config = dataclasses.replace(config, bind=args.bind[0], also_bind=tuple(args.bind[1:]))
+    try:
+        curve = server_keys_from_env(os.environ)
+    except CurveError as exc:
+        log.error("%s", exc.message)
+        return 2
     if args.grace_s is not None:
         config = dataclasses.replace(config, shutdown_grace_s=args.grace_s)
     try:
-        handler = Handler(config)
+        handler = Handler(config, curve=curve)
         asyncio.run(_serve(handler))
-    except ConfigError as exc:
+    except (ConfigError, CurveError) as exc:
         log.error("%s", exc.message)
         return 2
     except OSError as exc:

@@ -88,6 +88,7 @@ class ModelConfig:
 class HandlerConfig:
     models: Mapping[str, ModelConfig]
     bind: str = DEFAULT_BIND
+    also_bind: tuple[str, ...] = ()  # more endpoints on the same socket (`--bind` repeated)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_in_flight: int = 100_000  # beyond this, requests are refused with `overloaded`
     shutdown_grace_s: float = 10.0
@@ -97,7 +98,7 @@ class HandlerConfig:
 
 
 _MODEL_KINDS = field_kinds(ModelConfig, exclude=("alias", "api_key"))
-_HANDLER_KINDS = field_kinds(HandlerConfig, exclude=("models", "source"))
+_HANDLER_KINDS = field_kinds(HandlerConfig, exclude=("models", "source", "also_bind"))
 
 
 def _model(alias: str, table: Any, source: str, env: Mapping[str, str]) -> ModelConfig:

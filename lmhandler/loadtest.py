@@ -49,6 +49,7 @@ from protocol import (
     UsageRequest,
 )
 from protocol.client import configure_socket
+from protocol.security import CurveClientKeys, CurveError, client_keys_from_env, connect
 
 __all__ = [
     "LoadSpec",
@@ -91,6 +92,7 @@ class LoadSpec:
     max_tokens: int | None = None
     run: str | None = None
     handler_timeout_s: float | None = None  # the request's own timeout_s field, if given
+    curve: CurveClientKeys | None = None  # CURVE client keys, for a handler with server keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,7 @@ class _WorkerSpec:
     rate: float | None
     payload_head: bytes
     timeout_s: float
+    curve: CurveClientKeys | None = None
 
 
 @dataclass(slots=True)
@@ -172,7 +175,7 @@ def _worker_main(conn: Connection, spec: _WorkerSpec) -> None:
     sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     configure_socket(sock)
     try:
-        sock.connect(spec.address)
+        connect(sock, spec.address, spec.curve)
         # One ping so that "ready" means the connection is up and the handler answers.
         sock.send(msgpack.packb({"v": 1, "op": "ping", "id": f"w{spec.index}-ping"}))
         if not sock.poll(10_000):
@@ -441,7 +444,7 @@ def run_load(
         nproc = max(1, min(nproc, spec.requests))
     nproc = min(nproc, spec.concurrency)
 
-    control = HandlerClient(spec.address, timeout_s=30.0)
+    control = HandlerClient(spec.address, timeout_s=30.0, curve=spec.curve)
     run_id = spec.run
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}
@@ -478,6 +481,7 @@ def run_load(
                 rate=rate,
                 payload_head=head,
                 timeout_s=spec.timeout_s,
+                curve=spec.curve,
             )
             for i in range(nproc)
         ]
@@ -867,12 +871,14 @@ def main(args: argparse.Namespace) -> int:
     progress = sys.stderr if sys.stderr.isatty() and not args.json else None
     spawned: SpawnedHandler | None = None
     try:
+        # A handler with CURVE keys needs ours: from the environment, like every rlmq client.
+        spec = dataclasses.replace(spec, curve=client_keys_from_env(os.environ))
         check_spec(spec)  # before a handler is started for nothing
         if args.spawn:
             spawned = spawn_handler(echo_config(args.latency_ms))
             spec = dataclasses.replace(spec, address=spawned.address)
         report = run_load(spec, progress=progress, open_run=not args.no_run and args.run is None)
-    except LoadtestError as exc:
+    except (LoadtestError, CurveError) as exc:
         print(f"rlmq loadtest: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

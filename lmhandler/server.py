@@ -72,6 +72,7 @@ from protocol import (
 )
 from protocol.client import configure_socket
 from protocol.codec import encode_complete_reply
+from protocol.security import CurveServerKeys, ServerSecurity
 
 from .accounting import BudgetExceeded, Run, RunClosed, RunTable
 from .backends import (
@@ -90,7 +91,7 @@ from .pacing import TokenBucket
 from .shaping import AdaptiveLimit, CircuitBreaker, CircuitOpen, RetryBudget
 from .stats import ModelStats, ServerStats
 
-__all__ = ["Handler", "bind_socket"]
+__all__ = ["Handler"]
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +174,6 @@ def _resume(coro: Coroutine[Any, Any, Completion], waiting_on: Any) -> Generator
             except StopIteration as done:
                 result = done.value
                 return result
-
-
-def bind_socket(sock: zmq.Socket[Any], address: str) -> str:
-    """Bind, accepting port 0 or * for a free port; returns the address actually bound."""
-    if address.startswith("tcp://") and (address.endswith(":0") or address.endswith(":*")):
-        address = address.rsplit(":", 1)[0] + ":*"
-    sock.bind(address)
-    bound = sock.getsockopt(zmq.LAST_ENDPOINT)
-    return bound.decode() if isinstance(bound, bytes) else str(bound)
 
 
 class _Model:
@@ -331,6 +323,7 @@ class Handler:
         *,
         backends: Mapping[str, Backend] | None = None,
         context: zmq.asyncio.Context | None = None,
+        curve: CurveServerKeys | None = None,
     ) -> None:
         self.config = config
         self._backends = dict(backends or {})
@@ -346,7 +339,11 @@ class Handler:
         self._max_message_bytes = config.max_message_bytes
         self._max_in_flight = config.max_in_flight
         self._gc_tuned = False
+        # ipc stays open; TCP gets CURVE when keys are given; TCP beyond loopback without keys
+        # is refused (protocol.security.AuthRequired). Owns the authenticator thread.
+        self._security = ServerSecurity(self._ctx, curve)
         self.address: str | None = None
+        self.addresses: list[str] = []
         self.models: dict[str, _Model] = {}
         self.runs = RunTable()
         self.stats = ServerStats()
@@ -372,9 +369,12 @@ class Handler:
         sock: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.ROUTER)
         try:
             configure_socket(sock)
-            self.address = bind_socket(sock, self.config.bind)
+            for address in (self.config.bind, *self.config.also_bind):
+                self.addresses.append(self._security.bind(sock, address))
+            self.address = self.addresses[0]
         except BaseException:
             sock.close(linger=0)
+            self._security.close()
             raise
         self._sock = sock
         self._loop = asyncio.get_running_loop()
@@ -425,6 +425,7 @@ class Handler:
                 log.exception("closing backend %s failed", model.config.alias)
         if self._sock is not None:
             self._sock.close(linger=100)
+        self._security.close()  # before term: its sockets live on our context
         if self._own_context:
             self._ctx.term()
         if self._gc_tuned:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from protocol import AsyncHandlerClient, RlmqError
 from protocol.sandbox import AsyncSandboxClient
+from protocol.security import client_keys_from_env
 
 from .contexts import ContextError, load_context
 from .local import local_services
@@ -113,7 +115,9 @@ async def run_query(
     show_progress: bool = True,
 ) -> RunResult:
     """Connect, run, disconnect. Used by ``rlmq run`` and ``rlmq demo``."""
-    async with AsyncHandlerClient(handler) as hc, AsyncSandboxClient(sandbox) as sc:
+    # Handler and pool on TCP beyond loopback require CURVE: keys come from the environment.
+    curve = client_keys_from_env(os.environ)
+    async with AsyncHandlerClient(handler, curve=curve) as hc, AsyncSandboxClient(sandbox, curve=curve) as sc:
         rlm = RLM(hc, sc, settings, trajectory=trajectory)
         if not show_progress:
             return await rlm.run(query, context, run_id=run_id)

@@ -41,6 +41,7 @@ from .messages import (
     StatsRequest,
     UsageRequest,
 )
+from .security import CurveClientKeys, connect
 
 __all__ = ["AsyncHandlerClient", "HandlerClient", "as_messages", "configure_socket"]
 
@@ -98,6 +99,7 @@ class AsyncHandlerClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         run: str | None = None,
         depth: int = 0,
+        curve: CurveClientKeys | None = None,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
@@ -107,7 +109,7 @@ class AsyncHandlerClient:
         self._ctx = context or zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         configure_socket(self._sock)
-        self._sock.connect(address)
+        connect(self._sock, address, curve)  # CURVE on TCP when keys are given
         self._ids = _Ids()
         self._pending: dict[str, tuple[asyncio.Future[Reply], str]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -246,6 +248,7 @@ class HandlerClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         run: str | None = None,
         depth: int = 0,
+        curve: CurveClientKeys | None = None,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
@@ -255,7 +258,7 @@ class HandlerClient:
         self._ctx: zmq.Context[Any] = context or zmq.Context()
         self._sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
         configure_socket(self._sock)
-        self._sock.connect(address)
+        connect(self._sock, address, curve)  # CURVE on TCP when keys are given
         self._ids = _Ids()
         self._lock = threading.Lock()
 

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "handler": ("lmhandler.cli", "run the LM handler (relays every model call; holds the API keys)"),
     "sandbox": ("sandbox.cli", "run a sandbox pool (executes model-written code in isolated workers)"),
     "loadtest": ("lmhandler.loadtest", "drive a handler with load and report throughput, latency and errors"),
+    "keys": ("protocol.security", "make CURVE keys for handlers and pools listening on TCP"),
     "fake-provider": (
         "lmhandler.fakeprovider",
         "serve the Anthropic and OpenAI HTTP APIs locally, with fault injection, for tests and load tests",
