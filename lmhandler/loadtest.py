@@ -23,6 +23,7 @@ import math
 import os
 import queue
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -691,6 +692,58 @@ def echo_config(latency_ms: float = 0.0, *, alias: str = "echo", extra_handler: 
     )
 
 
+RELAY_KEY_ENV = "RLMQ_LOADTEST_PROVIDER_KEY"
+RELAY_KEY = "loadtest-key"
+
+
+def relay_config(backend: str, base_url: str, *, alias: str, concurrency: int) -> str:
+    """The TOML of a handler whose one model relays over HTTP to a (fake) provider."""
+    url = base_url + ("/v1" if backend == "openai" else "")
+    return (
+        f'[models.{alias}]\nbackend = "{backend}"\nmodel = "loadtest"\nbase_url = "{url}"\n'
+        f'api_key_env = "{RELAY_KEY_ENV}"\nmax_concurrency = {max(64, concurrency)}\n'
+        "[handler]\nmax_in_flight = 1000000\n"
+    )
+
+
+@dataclass
+class FakeProviderProcess:
+    process: subprocess.Popen[str]
+    base_url: str
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def spawn_fake_provider(latency_s: float, *, ready_timeout_s: float = 30.0) -> FakeProviderProcess:
+    """Start ``rlmq fake-provider`` on a free loopback port; wait for its listening line."""
+    argv = [sys.executable, "-m", "rlmq", "fake-provider", "--port", "0", "--api-key", RELAY_KEY]
+    proc = subprocess.Popen(
+        [*argv, "--latency-s", repr(latency_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    started = FakeProviderProcess(proc, "")
+    assert proc.stdout is not None
+    ready = select.select([proc.stdout], [], [], ready_timeout_s)[0]
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("fake-provider listening on "):
+        started.stop(timeout_s=5)
+        raise LoadtestError(f"the fake provider did not start: {line.strip() or 'timed out'}")
+    started.base_url = line.split()[-1]
+    return started
+
+
 def spawn_handler(
     config_text: str,
     *,
@@ -798,7 +851,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--latency-ms",
         type=float,
         default=0.0,
-        help="with --spawn: the echo model's latency (default: %(default)s)",
+        help="with --spawn: the model's latency, echo or fake provider (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--provider",
+        choices=("anthropic", "openai"),
+        default=None,
+        help="with --spawn: also start `rlmq fake-provider` and relay to it over HTTP through this "
+        "backend, measuring the whole path client -> handler -> HTTP -> provider",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -870,11 +930,22 @@ def main(args: argparse.Namespace) -> int:
     )
     progress = sys.stderr if sys.stderr.isatty() and not args.json else None
     spawned: SpawnedHandler | None = None
+    provider: FakeProviderProcess | None = None
+    if args.provider and not args.spawn:
+        print("rlmq loadtest: --provider goes with --spawn", file=sys.stderr)
+        return 2
     try:
         # A handler with CURVE keys needs ours: from the environment, like every rlmq client.
         spec = dataclasses.replace(spec, curve=client_keys_from_env(os.environ))
         check_spec(spec)  # before a handler is started for nothing
-        if args.spawn:
+        if args.spawn and args.provider:
+            provider = spawn_fake_provider(args.latency_ms / 1000.0)
+            config = relay_config(
+                args.provider, provider.base_url, alias=spec.model, concurrency=spec.concurrency
+            )
+            spawned = spawn_handler(config, env={**os.environ, RELAY_KEY_ENV: RELAY_KEY})
+            spec = dataclasses.replace(spec, address=spawned.address)
+        elif args.spawn:
             spawned = spawn_handler(echo_config(args.latency_ms))
             spec = dataclasses.replace(spec, address=spawned.address)
         report = run_load(spec, progress=progress, open_run=not args.no_run and args.run is None)
@@ -889,6 +960,8 @@ def main(args: argparse.Namespace) -> int:
             code = spawned.stop()
             if code not in (0, None):
                 print(f"rlmq loadtest: the spawned handler exited with {code}", file=sys.stderr)
+        if provider is not None:
+            provider.stop()
     report["spawned"] = args.spawn
     if args.json:
         print(json.dumps(report))

@@ -54,6 +54,24 @@ def loadtest(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_spawn_provider_measures_the_http_relay_path(provider: str) -> None:
+    done = loadtest("--spawn", "--provider", provider, "--requests", "60", "--concurrency", "20", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] == 60
+    assert report["errors"] == {}
+    model = report["handler"]["after"]["models"]["echo"]
+    assert model["sent"] >= 60  # every request went out over HTTP to the fake provider
+
+
+def test_provider_needs_spawn() -> None:
+    done = loadtest("--connect", "tcp://127.0.0.1:1", "--provider", "openai")
+    assert done.returncode == 2
+    assert "--provider goes with --spawn" in done.stderr
+
+
+@pytest.mark.slow
 def test_spawn_json_counts_every_request() -> None:
     done = loadtest("--spawn", "--requests", "200", "--concurrency", "16", "--json")
     assert done.returncode == 0, done.stderr
