@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import zmq
 import zmq.asyncio
@@ -88,8 +88,49 @@ def _check(reply: Reply) -> Reply:
     return reply
 
 
-class AsyncHandlerClient:
-    """An asyncio client; safe to share between tasks of one event loop."""
+class _AsyncDealer:
+    """One asyncio DEALER socket to a server, with request ids; the handler's and the sandbox
+    pool's clients build their request/reply matching on it."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        context: zmq.asyncio.Context | None,
+        timeout_s: float,
+        curve: CurveClientKeys | None,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._own_context = context is None
+        self._ctx = context or zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        configure_socket(self._sock)
+        connect(self._sock, address, curve)  # CURVE on TCP when keys are given
+        self._ids = _Ids()
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def new_id(self) -> str:
+        return self._ids.next()
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    def _close_socket(self) -> None:
+        self._sock.close(linger=0)
+        if self._own_context:
+            self._ctx.term()
+
+
+class AsyncHandlerClient(_AsyncDealer):
+    """An asyncio client of the handler; safe to share between tasks of one event loop."""
 
     def __init__(
         self,
@@ -101,28 +142,10 @@ class AsyncHandlerClient:
         depth: int = 0,
         curve: CurveClientKeys | None = None,
     ) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
+        super().__init__(address, context=context, timeout_s=timeout_s, curve=curve)
         self.run = run
         self.depth = depth
-        self._own_context = context is None
-        self._ctx = context or zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        configure_socket(self._sock)
-        connect(self._sock, address, curve)  # CURVE on TCP when keys are given
-        self._ids = _Ids()
         self._pending: dict[str, tuple[asyncio.Future[Reply], str]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._closed = False
-
-    async def __aenter__(self) -> AsyncHandlerClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    def new_id(self) -> str:
-        return self._ids.next()
 
     async def _read(self) -> None:
         while True:
@@ -228,9 +251,7 @@ class AsyncHandlerClient:
                 future.set_exception(RuntimeError("client closed"))
                 future.exception()  # mark retrieved: nobody may be waiting any more
         self._pending.clear()
-        self._sock.close(linger=0)
-        if self._own_context:
-            self._ctx.term()
+        self._close_socket()
 
 
 class HandlerClient:

@@ -33,7 +33,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from .client import _Ids, configure_socket
+from .client import _AsyncDealer
 from .codec import DEFAULT_MAX_MESSAGE_BYTES, pack, unpack
 from .errors import DecodeError, ErrorCode, ProtocolError, RlmqError, UnknownOp, UnsupportedVersion
 from .messages import (
@@ -46,7 +46,7 @@ from .messages import (
     _opt_str,
     _str,
 )
-from .security import CurveClientKeys, connect
+from .security import CurveClientKeys
 
 __all__ = [
     "CONTEXT_FORMATS",
@@ -752,7 +752,7 @@ class Session:
         await self.close()
 
 
-class AsyncSandboxClient:
+class AsyncSandboxClient(_AsyncDealer):
     """One DEALER socket to a sandbox pool; many sessions over it, matched by request id.
 
     ``rlm_query`` requests from a session's code are answered by that session's ``on_rlm_query``
@@ -768,28 +768,10 @@ class AsyncSandboxClient:
         curve: CurveClientKeys | None = None,
     ) -> None:
         """``curve``: keys for a pool that requires CURVE (see ``protocol.security``)."""
-        self.address = address
-        self.timeout_s = timeout_s
-        self._own_context = context is None
-        self._ctx = context or zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        configure_socket(self._sock)
-        connect(self._sock, address, curve)
-        self._ids = _Ids()
+        super().__init__(address, context=context, timeout_s=timeout_s, curve=curve)
         self._pending: dict[str, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._sessions: dict[str, Session] = {}
         self._callbacks: set[asyncio.Task[None]] = set()
-        self._reader: asyncio.Task[None] | None = None
-        self._closed = False
-
-    async def __aenter__(self) -> AsyncSandboxClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    def new_id(self) -> str:
-        return self._ids.next()
 
     # ------------------------------------------------------------ transport
 
@@ -964,6 +946,4 @@ class AsyncSandboxClient:
             if not future.done():
                 future.cancel()
         self._pending.clear()
-        self._sock.close(linger=0)
-        if self._own_context:
-            self._ctx.term()
+        self._close_socket()
