@@ -649,6 +649,20 @@ def _report(
 # ---------------------------------------------------------------- a private handler
 
 
+def stop_process(process: subprocess.Popen[str], timeout_s: float) -> int:
+    """SIGTERM, wait up to ``timeout_s``, then SIGKILL; close its stdout; its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+    return process.returncode
+
+
 @dataclass(slots=True)
 class SpawnedHandler:
     """A handler subprocess started by ``spawn_handler``; ``stop()`` sends SIGTERM and waits."""
@@ -663,16 +677,7 @@ class SpawnedHandler:
         return self.process.pid
 
     def stop(self, timeout_s: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        code = self.process.returncode
+        code = stop_process(self.process, timeout_s)
         self.workdir.cleanup()
         return code
 
@@ -712,15 +717,7 @@ class FakeProviderProcess:
     base_url: str
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        stop_process(self.process, timeout_s)
 
 
 def spawn_fake_provider(latency_s: float, *, ready_timeout_s: float = 30.0) -> FakeProviderProcess:
