@@ -55,7 +55,7 @@ class ModelConfig:
     timeout_s: float = 120.0
     connect_timeout_s: float = 10.0
     max_tokens: int = 4096
-    max_retries: int = 4
+    max_retries: int = 6  # the retry budget, not this, bounds what retries add in an outage
     price_in_per_mtok: float = 0.0
     price_out_per_mtok: float = 0.0
     price_cache_read_per_mtok: float | None = None

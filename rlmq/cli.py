@@ -57,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # HTTP client libraries log every request at INFO: a line per relayed call costs the
+    # handler real CPU at thousands in flight, and says nothing our stats do not.
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     code: int = module.main(args)
     return code

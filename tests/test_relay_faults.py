@@ -40,7 +40,9 @@ async def test_a_fifth_of_429s_all_succeed_with_retries(actx: zmq.asyncio.Contex
         stats = (await client.stats())["models"]["p"]
         assert stats["rate_limited"] > 10
         assert stats["retries"] == stats["sent"] - 200
-        assert stats["concurrency"]["decreases"] >= 1  # 429s made the limit back off
+        # A steady fifth of refusals is the provider's noise, not a concurrency cap: the
+        # limit stays put (it used to collapse to its floor and take 20x longer).
+        assert stats["concurrency"]["limit"] == stats["concurrency"]["max"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

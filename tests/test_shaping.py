@@ -25,21 +25,47 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return c
 
 
-async def test_limit_halves_on_overload_once_per_interval_and_grows_back(clock: Clock) -> None:
+def window(limit: AdaptiveLimit, clock: Clock, attempts: int, refused: int) -> None:
+    """One window of outcomes, closed by moving the clock past it."""
+    for i in range(attempts):
+        if i < refused:
+            limit.on_overload()
+        else:
+            limit.on_success()
+    clock.now += 1.1
+
+
+async def test_limit_shrinks_only_when_a_large_share_is_refused(clock: Clock) -> None:
     limit = AdaptiveLimit(64, minimum=2)
-    limit.on_overload()
-    limit.on_overload()  # the same burst of 429s: counted once
-    assert int(limit.limit) == 32
-    clock.now += 1.5
-    limit.on_overload()
-    assert int(limit.limit) == 16
-    for _ in range(16 * 3):
+    window(limit, clock, 50, 10)  # a fifth refused, whatever the load: not a reason to shrink
+    window(limit, clock, 50, 10)
+    assert (limit.decreases, int(limit.limit)) == (0, 64)
+    window(limit, clock, 50, 40)  # most refused: the provider wants less
+    limit.on_success()  # the first outcome of the next window closes the last one
+    assert (limit.decreases, int(limit.limit)) == (1, 32)
+    window(limit, clock, 5, 5)  # too few samples to judge
+    limit.on_success()
+    assert limit.decreases == 1
+    for _ in range(32 * 3):
         limit.on_success()
-    assert 18 <= int(limit.limit) <= 19  # about one step per round trip
+    assert 34 <= int(limit.limit) <= 35  # grows back about one per round trip
     for _ in range(10):
-        clock.now += 2
+        window(limit, clock, 20, 20)
         limit.on_overload()
     assert int(limit.limit) == 2  # never below the minimum
+
+
+async def test_waiter_dropped_by_wake_then_cancelled_is_clean() -> None:
+    limit = AdaptiveLimit(1)
+    await limit.acquire()
+    waiter = asyncio.ensure_future(limit.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()  # cancels the future it waits on at once...
+    limit.release()  # ...so the release drops it before the waiter runs its handler
+    with pytest.raises(asyncio.CancelledError):
+        await waiter  # a ValueError here became `internal` errors under load
+    assert limit.in_flight == 0
+    await asyncio.wait_for(limit.acquire(), 1)
 
 
 async def test_limit_queues_in_order_and_admits_as_it_grows() -> None:
