@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import queue
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -33,7 +31,7 @@ from typing import Any
 import aiohttp
 from _common import machine, mean, proc_cpu_s, proc_status_mb, table, write_results
 
-from lmhandler.loadtest import SpawnedHandler, spawn_handler
+from lmhandler.loadtest import SpawnedHandler, read_line, spawn_handler, stop_process
 from protocol import AsyncHandlerClient
 
 LATENCY_S = 1.0
@@ -70,7 +68,7 @@ class Provider:
         self.process = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=_env()
         )
-        line = _read_line(self.process, 30.0)
+        line = read_line(self.process, 30.0)
         if not line or not line.startswith("fake-provider listening on "):
             self.stop()
             raise RuntimeError(f"fake provider did not start: {line!r}")
@@ -81,34 +79,11 @@ class Provider:
         return self.process.pid
 
     def stop(self) -> None:
-        _stop(self.process)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        stop_process(self.process, 10.0)
 
 
 def _env() -> dict[str, str]:
     return {**os.environ, KEY_ENV: API_KEY, "PYTHONUNBUFFERED": "1"}
-
-
-def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str | None:
-    assert proc.stdout is not None
-    out: queue.Queue[str] = queue.Queue()
-    stdout = proc.stdout
-    threading.Thread(target=lambda: out.put(stdout.readline()), daemon=True).start()
-    try:
-        return out.get(timeout=timeout_s).strip()
-    except queue.Empty:
-        return None
-
-
-def _stop(proc: subprocess.Popen[str], timeout_s: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def handler_config(backend: str, url: str, concurrency: int, extra: str = "") -> str:
@@ -133,7 +108,7 @@ def stop_handler(handler: SpawnedHandler) -> None:
     try:
         handler.stop()
     finally:
-        _stop(handler.process)  # no-op when already gone
+        stop_process(handler.process, 10.0)  # no-op when already gone
 
 
 # -- load --------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import math
 import os
 import queue
 import resource
-import select
 import signal
 import socket
 import subprocess
@@ -60,9 +59,11 @@ __all__ = [
     "check_spec",
     "echo_config",
     "main",
+    "read_line",
     "run_load",
     "spawn_handler",
     "spawned_handler",
+    "stop_process",
     "summarize",
 ]
 
@@ -731,12 +732,10 @@ def spawn_fake_provider(latency_s: float, *, ready_timeout_s: float = 30.0) -> F
         text=True,
     )
     started = FakeProviderProcess(proc, "")
-    assert proc.stdout is not None
-    ready = select.select([proc.stdout], [], [], ready_timeout_s)[0]
-    line = proc.stdout.readline() if ready else ""
+    line = read_line(proc, ready_timeout_s) or ""
     if not line.startswith("fake-provider listening on "):
         started.stop(timeout_s=5)
-        raise LoadtestError(f"the fake provider did not start: {line.strip() or 'timed out'}")
+        raise LoadtestError(f"the fake provider did not start: {line or 'timed out'}")
     started.base_url = line.split()[-1]
     return started
 
@@ -770,7 +769,7 @@ def spawn_handler(
             env={**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"},
         )
     spawned = SpawnedHandler(proc, "", workdir, log_path)
-    line = _read_line(proc, ready_timeout_s)
+    line = read_line(proc, ready_timeout_s)
     if line is None or not line.startswith("lmhandler ready on "):
         spawned.stop(timeout_s=5)
         detail = spawned.log_text().strip()[-2000:] if line is not None else "timed out"
@@ -779,7 +778,7 @@ def spawn_handler(
     return spawned
 
 
-def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str | None:
+def read_line(proc: subprocess.Popen[str], timeout_s: float) -> str | None:
     """The first stdout line of ``proc``, or None if none came within the timeout."""
     assert proc.stdout is not None
     out: queue.Queue[str] = queue.Queue()
