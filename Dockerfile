@@ -15,7 +15,7 @@ COPY wheels/ /wheels/
 # read the interpreter and the packages.
 RUN python3 -m venv /opt/rlmq \
  && /opt/rlmq/bin/pip install --no-index --find-links /wheels --no-cache-dir --disable-pip-version-check rlmq \
- && /opt/rlmq/bin/python -c "import lmhandler, orchestrator, protocol.security, sandbox.cli" \
+ && /opt/rlmq/bin/python -c "import rlmq.lmhandler, rlmq.orchestrator, rlmq.protocol.security, rlmq.sandbox.cli" \
  && chmod -R a+rX /opt/rlmq
 
 FROM ${BASE_IMAGE}

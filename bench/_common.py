@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from lmhandler.loadtest import LoadSpec, SpawnedHandler, echo_config, run_load, spawn_handler
+from rlmq.lmhandler.loadtest import LoadSpec, SpawnedHandler, echo_config, run_load, spawn_handler
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

@@ -31,8 +31,8 @@ from typing import Any
 import aiohttp
 from _common import machine, mean, proc_cpu_s, proc_status_mb, table, write_results
 
-from lmhandler.loadtest import SpawnedHandler, read_line, spawn_handler, stop_process
-from protocol import AsyncHandlerClient
+from rlmq.lmhandler.loadtest import SpawnedHandler, read_line, spawn_handler, stop_process
+from rlmq.protocol import AsyncHandlerClient
 
 LATENCY_S = 1.0
 API_KEY = "bench-relay-key"

@@ -66,13 +66,13 @@ def med(values: list[float], digits: int = 2) -> float:
 async def rlmq_bench(rounds: int, batch_rounds: int) -> dict[str, Any]:
     import zmq.asyncio
 
-    from lmhandler.testing import ScriptedModel, echo_model, running_handler
-    from orchestrator.loop import RLM
-    from orchestrator.settings import RunSettings
-    from orchestrator.trajectory import Trajectory
-    from protocol import AsyncHandlerClient
-    from protocol.sandbox import AsyncSandboxClient
-    from sandbox.testing import running_pool
+    from rlmq.lmhandler.testing import ScriptedModel, echo_model, running_handler
+    from rlmq.orchestrator.loop import RLM
+    from rlmq.orchestrator.settings import RunSettings
+    from rlmq.orchestrator.trajectory import Trajectory
+    from rlmq.protocol import AsyncHandlerClient
+    from rlmq.protocol.sandbox import AsyncSandboxClient
+    from rlmq.sandbox.testing import running_pool
 
     model = ScriptedModel()
     out: dict[str, Any] = {}

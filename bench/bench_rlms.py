@@ -32,8 +32,8 @@ from _common import (
     write_results,
 )
 
-from lmhandler.loadtest import summarize
-from protocol import HandlerClient
+from rlmq.lmhandler.loadtest import summarize
+from rlmq.protocol import HandlerClient
 
 DRIVER = BENCH / "rlms_driver.py"
 

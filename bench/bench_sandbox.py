@@ -24,9 +24,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmhandler.testing import echo_model, running_handler  # noqa: E402
-from protocol.sandbox import AsyncSandboxClient  # noqa: E402
-from sandbox.testing import running_pool  # noqa: E402
+from rlmq.lmhandler.testing import echo_model, running_handler  # noqa: E402
+from rlmq.protocol.sandbox import AsyncSandboxClient  # noqa: E402
+from rlmq.sandbox.testing import running_pool  # noqa: E402
 
 CONTEXT_BYTES = 40_000_000
 

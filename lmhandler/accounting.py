@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from protocol import RunLimits, RunUsage, Usage
+from rlmq.protocol import RunLimits, RunUsage, Usage
 
 __all__ = ["BudgetExceeded", "Run", "RunClosed", "RunTable"]
 

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 from collections import OrderedDict
 
-from protocol import ChatMessage, pack
+from rlmq.protocol import ChatMessage, pack
 
 from .backends.base import Completion
 

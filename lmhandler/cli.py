@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 
-from protocol.security import CurveError, server_keys_from_env
+from rlmq.protocol.security import CurveError, server_keys_from_env
 
 from .config import ConfigError, load_config
 from .server import Handler

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol import DEFAULT_MAX_MESSAGE_BYTES, RlmqError
-from protocol.tables import check_table, field_kinds, read_toml
+from rlmq.protocol import DEFAULT_MAX_MESSAGE_BYTES, RlmqError
+from rlmq.protocol.tables import check_table, field_kinds, read_toml
 
 __all__ = [
     "BACKENDS",

@@ -39,7 +39,7 @@ from typing import Any, TextIO
 import msgpack
 import zmq
 
-from protocol import (
+from rlmq.protocol import (
     HandlerClient,
     RlmqError,
     RunCloseRequest,
@@ -48,8 +48,8 @@ from protocol import (
     RunUsageReply,
     UsageRequest,
 )
-from protocol.client import configure_socket
-from protocol.security import CurveClientKeys, CurveError, client_keys_from_env, connect
+from rlmq.protocol.client import configure_socket
+from rlmq.protocol.security import CurveClientKeys, CurveError, client_keys_from_env, connect
 
 __all__ = [
     "LoadSpec",

@@ -50,7 +50,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from protocol import (
+from rlmq.protocol import (
     PROTOCOL_VERSION,
     CompleteRequest,
     ErrorCode,
@@ -70,9 +70,9 @@ from protocol import (
     encode,
     peek_id,
 )
-from protocol.client import configure_socket
-from protocol.codec import encode_complete_reply
-from protocol.security import CurveServerKeys, ServerSecurity
+from rlmq.protocol.client import configure_socket
+from rlmq.protocol.codec import encode_complete_reply
+from rlmq.protocol.security import CurveServerKeys, ServerSecurity
 
 from .accounting import BudgetExceeded, Run, RunClosed, RunTable
 from .backends import (

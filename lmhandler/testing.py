@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq.asyncio
 
-from protocol import ChatMessage, ErrorCode, Usage
+from rlmq.protocol import ChatMessage, ErrorCode, Usage
 
 from .backends import Backend, BackendError, BackendRequest, Completion, estimate_tokens
 from .config import HandlerConfig, parse_config

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from protocol import RlmqError
+from rlmq.protocol import RlmqError
 
 __all__ = ["ContextError", "load_context"]
 

@@ -135,7 +135,7 @@ async def _demo(args: argparse.Namespace, out: Path) -> int:
     document, codes = make_document(args.tokens, seed=args.seed)
     doc_path = out / "document.txt"
     doc_path.write_text(document, encoding="utf-8")
-    script = resources.files("orchestrator") / "data" / "demo_script.json"
+    script = resources.files("rlmq.orchestrator") / "data" / "demo_script.json"
     config = out / "rlmq.toml"
     config.write_text(CONFIG.format(script=str(script), sub_latency_ms=args.sub_latency_ms), encoding="utf-8")
     run_id = new_run_id()

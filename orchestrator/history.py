@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from protocol import ChatMessage
+from rlmq.protocol import ChatMessage
 
 __all__ = ["Compaction", "History"]
 

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import RlmqError
+from rlmq.protocol import RlmqError
 
 __all__ = ["LocalServices", "ServiceError", "local_services"]
 

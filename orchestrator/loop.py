@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import AsyncHandlerClient, ChatMessage, ErrorCode, RemoteError, RlmqError, RunUsage
-from protocol.sandbox import AsyncSandboxClient, ExecResult, Session
+from rlmq.protocol import AsyncHandlerClient, ChatMessage, ErrorCode, RemoteError, RlmqError, RunUsage
+from rlmq.protocol.sandbox import AsyncSandboxClient, ExecResult, Session
 
 from .history import History
 from .parsing import extract_code_blocks, find_final

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
-from protocol import AsyncHandlerClient, RlmqError
+from rlmq.protocol import AsyncHandlerClient, RlmqError
 
 __all__ = ["progress_line"]
 

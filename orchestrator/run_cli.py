@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from protocol import AsyncHandlerClient, RlmqError
-from protocol.sandbox import AsyncSandboxClient
-from protocol.security import client_keys_from_env
+from rlmq.protocol import AsyncHandlerClient, RlmqError
+from rlmq.protocol.sandbox import AsyncSandboxClient
+from rlmq.protocol.security import client_keys_from_env
 
 from .contexts import ContextError, load_context
 from .local import local_services

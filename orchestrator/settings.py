@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from protocol import RlmqError, RunLimits
-from protocol.tables import check_table, field_kinds, read_toml
+from rlmq.protocol import RlmqError, RunLimits
+from rlmq.protocol.tables import check_table, field_kinds, read_toml
 
 __all__ = ["RunSettings", "SettingsError", "load_run_settings"]
 

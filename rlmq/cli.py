@@ -12,15 +12,18 @@ __all__ = ["main"]
 
 # subcommand -> (module with add_arguments/main, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("orchestrator.run_cli", "answer one question about a large context (an RLM run)"),
-    "demo": ("orchestrator.demo", "offline end-to-end RLM run over a generated 1M-token document"),
-    "up": ("orchestrator.up_cli", "start a handler and a sandbox pool on this machine"),
-    "handler": ("lmhandler.cli", "run the LM handler (relays every model call; holds the API keys)"),
-    "sandbox": ("sandbox.cli", "run a sandbox pool (executes model-written code in isolated workers)"),
-    "loadtest": ("lmhandler.loadtest", "drive a handler with load and report throughput, latency and errors"),
-    "keys": ("protocol.security", "make CURVE keys for handlers and pools listening on TCP"),
+    "run": ("rlmq.orchestrator.run_cli", "answer one question about a large context (an RLM run)"),
+    "demo": ("rlmq.orchestrator.demo", "offline end-to-end RLM run over a generated 1M-token document"),
+    "up": ("rlmq.orchestrator.up_cli", "start a handler and a sandbox pool on this machine"),
+    "handler": ("rlmq.lmhandler.cli", "run the LM handler (relays every model call; holds the API keys)"),
+    "sandbox": ("rlmq.sandbox.cli", "run a sandbox pool (executes model-written code in isolated workers)"),
+    "loadtest": (
+        "rlmq.lmhandler.loadtest",
+        "drive a handler with load and report throughput, latency and errors",
+    ),
+    "keys": ("rlmq.protocol.security", "make CURVE keys for handlers and pools listening on TCP"),
     "fake-provider": (
-        "lmhandler.fakeprovider",
+        "rlmq.lmhandler.fakeprovider",
         "serve the Anthropic and OpenAI HTTP APIs locally, with fault injection, for tests and load tests",
     ),
 }

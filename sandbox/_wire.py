@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from protocol import DecodeError, unpack
-from protocol.messages import _drop_none, _field, _opt_str, _str
-from protocol.sandbox import CONTEXT_FORMATS, ExecResult, SessionInfo
+from rlmq.protocol import DecodeError, unpack
+from rlmq.protocol.messages import _drop_none, _field, _opt_str, _str
+from rlmq.protocol.sandbox import CONTEXT_FORMATS, ExecResult, SessionInfo
 
 __all__ = [
     "Assign",

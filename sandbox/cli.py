@@ -8,8 +8,8 @@ import logging
 import os
 import signal
 
-from protocol import RlmqError
-from protocol.security import CurveError, client_keys_from_env, server_keys_from_env
+from rlmq.protocol import RlmqError
+from rlmq.protocol.security import CurveError, client_keys_from_env, server_keys_from_env
 
 from .config import ConfigError, build_config, load_table
 from .pool import Pool

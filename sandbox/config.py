@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import RlmqError
-from protocol.tables import check_table, field_kinds, read_toml
+from rlmq.protocol import RlmqError
+from rlmq.protocol.tables import check_table, field_kinds, read_toml
 
 from .spec import DEFAULT_PREIMPORT
 

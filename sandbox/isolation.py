@@ -25,9 +25,9 @@ from typing import Any
 import msgpack
 import zmq
 
-import protocol
-from protocol.client import configure_socket
-from protocol.security import CurveClientKeys, connect
+import rlmq
+from rlmq.protocol.client import configure_socket
+from rlmq.protocol.security import CurveClientKeys, connect
 
 from . import procs
 from .config import PoolConfig
@@ -144,12 +144,9 @@ class Cgroups:
 
 
 def _package_roots() -> list[str]:
-    roots = []
-    for module in (protocol, sys.modules[__name__.split(".")[0]]):
-        root = str(Path(module.__file__ or "").resolve().parent.parent)
-        if root not in roots:
-            roots.append(root)
-    return roots
+    # The folder that holds the `rlmq` package: site-packages for an install, the checkout for a
+    # source tree (whose rlmq/ links the four service folders in).
+    return [str(Path(rlmq.__file__ or "").resolve().parent.parent)]
 
 
 def worker_env(workdir: str) -> dict[str, str]:
@@ -197,7 +194,7 @@ def worker_command(
 ) -> list[str]:
     """The argv that starts one worker (see the module docstring)."""
     python = config.python or sys.executable
-    cmd = [python, "-P", "-s", "-m", "sandbox.worker", spec.to_json()]
+    cmd = [python, "-P", "-s", "-m", "rlmq.sandbox.worker", spec.to_json()]
     if bwrap is not None:
         env = worker_env(spec.workdir)
         needed = _runtime_paths(python)

@@ -45,9 +45,9 @@ from typing import Any, TypeVar, cast
 import zmq
 import zmq.asyncio
 
-from protocol import ErrorCode, ErrorReply, ProtocolError, RlmqError, pack, peek_id
-from protocol.client import configure_socket
-from protocol.sandbox import (
+from rlmq.protocol import ErrorCode, ErrorReply, ProtocolError, RlmqError, pack, peek_id
+from rlmq.protocol.client import configure_socket
+from rlmq.protocol.sandbox import (
     CloseReply,
     CloseRequest,
     ContextFormat,
@@ -68,7 +68,7 @@ from protocol.sandbox import (
     decode_sandbox_request,
     split_delimited,
 )
-from protocol.security import CurveClientKeys, CurveServerKeys, ServerSecurity, uses_curve
+from rlmq.protocol.security import CurveClientKeys, CurveServerKeys, ServerSecurity, uses_curve
 
 from . import procs
 from ._wire import (

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from protocol.sandbox import ExecError, ExecResult
+from rlmq.protocol.sandbox import ExecError, ExecResult
 
 __all__ = [
     "LLMQueryError",

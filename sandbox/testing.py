@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq.asyncio
 
-from protocol.security import CurveClientKeys, CurveServerKeys
+from rlmq.protocol.security import CurveClientKeys, CurveServerKeys
 
 from .config import PoolConfig
 from .pool import Pool

@@ -32,9 +32,16 @@ from typing import Any, NoReturn
 
 import zmq
 
-from protocol import ErrorReply, HandlerClient, RemoteError, RlmqError, TransportTimeout, pack
-from protocol.client import configure_socket
-from protocol.sandbox import ExecError, ExecResult, SessionInfo, context_shape, decode_context, encode_context
+from rlmq.protocol import ErrorReply, HandlerClient, RemoteError, RlmqError, TransportTimeout, pack
+from rlmq.protocol.client import configure_socket
+from rlmq.protocol.sandbox import (
+    ExecError,
+    ExecResult,
+    SessionInfo,
+    context_shape,
+    decode_context,
+    encode_context,
+)
 
 from . import procs
 from ._wire import (
@@ -54,7 +61,7 @@ from .spec import WorkerSpec
 
 __all__ = ["main"]
 
-log = logging.getLogger("sandbox.worker")
+log = logging.getLogger("rlmq.sandbox.worker")
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36

@@ -8,11 +8,12 @@ stamp="$VENV/.rlmq-installed"
 if [ ! -x "$PY" ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setting up $VENV (first run only)..." >&2
   log="$(mktemp -t rlmq-install.XXXXXX)"
-  # compat mode: a plain .pth to the checkout. The default finder resolves our top-level
-  # packages as namespace packages when the checkout is not on sys.path (their __init__ skipped).
+  # The default (lenient) editable mode: its finder maps the one name `rlmq` to the checkout.
+  # Compat mode would put the checkout itself on sys.path, and with it the four folders as
+  # top-level names (protocol, sandbox, ...), which a library must not install.
   if ! { python3 -m venv "$VENV" &&
          "$PY" -m pip install --upgrade pip &&
-         "$PY" -m pip install -e ".[test]" --config-settings editable_mode=compat; } >"$log" 2>&1; then
+         "$PY" -m pip install -e ".[test]"; } >"$log" 2>&1; then
     cat "$log" >&2
     echo "installing rlmq into $VENV failed (log above)" >&2
     exit 1

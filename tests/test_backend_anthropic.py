@@ -12,11 +12,11 @@ from typing import Any
 import httpx2
 import pytest
 
-from lmhandler.backends.anthropic import AnthropicBackend
-from lmhandler.backends.base import BackendError, BackendRequest
-from lmhandler.config import ModelConfig
-from lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
-from protocol import ChatMessage, ErrorCode
+from rlmq.lmhandler.backends.anthropic import AnthropicBackend
+from rlmq.lmhandler.backends.base import BackendError, BackendRequest
+from rlmq.lmhandler.config import ModelConfig
+from rlmq.lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
+from rlmq.protocol import ChatMessage, ErrorCode
 
 EPHEMERAL = {"type": "ephemeral"}
 KEY = "sk-ant-test-0123456789"
@@ -171,7 +171,7 @@ async def test_single_user_message_without_system(fp: FakeProvider, backend: Ant
 async def test_temperature_is_not_sent_and_warned_once(
     fp: FakeProvider, backend: AnthropicBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="lmhandler.backends.anthropic")
+    caplog.set_level(logging.WARNING, logger="rlmq.lmhandler.backends.anthropic")
     for _ in range(2):
         await backend.complete(request(("user", "hi"), temperature=0.2))
         assert "temperature" not in fp.requests[-1].body

@@ -12,12 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
-from lmhandler.backends import _http
-from lmhandler.backends.base import BackendError, BackendRequest
-from lmhandler.backends.openai import OpenAIBackend
-from lmhandler.config import ModelConfig
-from lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
-from protocol import ChatMessage, ErrorCode
+from rlmq.lmhandler.backends import _http
+from rlmq.lmhandler.backends.base import BackendError, BackendRequest
+from rlmq.lmhandler.backends.openai import OpenAIBackend
+from rlmq.lmhandler.config import ModelConfig
+from rlmq.lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
+from rlmq.protocol import ChatMessage, ErrorCode
 
 KEY = "sk-test-0123456789abcdef"
 

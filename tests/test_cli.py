@@ -11,7 +11,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from protocol import pack
+from rlmq.protocol import pack
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lmhandler.config import OFFLINE_CONCURRENCY, ConfigError, load_config, parse_config
-from lmhandler.pacing import TokenBucket
+from rlmq.lmhandler.config import OFFLINE_CONCURRENCY, ConfigError, load_config, parse_config
+from rlmq.lmhandler.pacing import TokenBucket
 
 GOOD = """
 [handler]

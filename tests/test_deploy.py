@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from lmhandler.testing import echo_model, ipc_address, running_handler
+from rlmq.lmhandler.testing import echo_model, ipc_address, running_handler
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (the test extra)")
 
@@ -193,8 +193,8 @@ def test_health_checks_restart_policies_and_the_orchestrator_profile() -> None:
 def test_the_default_config_parses_for_every_service() -> None:
     data = tomllib.loads((ROOT / "deploy" / "compose" / "rlmq.toml").read_text())
     assert set(data) == {"models", "sandbox", "run"}
-    from lmhandler.config import parse_config
-    from sandbox.config import build_config
+    from rlmq.lmhandler.config import parse_config
+    from rlmq.sandbox.config import build_config
 
     config = parse_config(data, source="deploy/compose/rlmq.toml", env={"ANTHROPIC_API_KEY": "k"})
     assert set(config.models) == {"root", "sub"}

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
+from rlmq.lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
 
 ANTHROPIC_HEADERS = {"x-api-key": "k", "anthropic-version": "2026-10-21"}
 OPENAI_HEADERS = {"authorization": "Bearer k"}

@@ -13,9 +13,9 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from lmhandler.backends import Backend, BackendError, BackendRequest, Completion
-from lmhandler.testing import echo_model, ipc_address, running_handler, script_model
-from protocol import (
+from rlmq.lmhandler.backends import Backend, BackendError, BackendRequest, Completion
+from rlmq.lmhandler.testing import echo_model, ipc_address, running_handler, script_model
+from rlmq.protocol import (
     AsyncHandlerClient,
     ErrorCode,
     HandlerClient,

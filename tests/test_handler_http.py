@@ -7,9 +7,9 @@ import time
 import pytest
 import zmq.asyncio
 
-from lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
-from lmhandler.testing import running_handler
-from protocol import AsyncHandlerClient, ErrorCode, RemoteError, RunLimits
+from rlmq.lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
+from rlmq.lmhandler.testing import running_handler
+from rlmq.protocol import AsyncHandlerClient, ErrorCode, RemoteError, RunLimits
 
 
 @pytest.mark.parametrize("backend", ["anthropic", "openai"])

@@ -22,11 +22,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from lmhandler import server as server_module
-from lmhandler.backends import Backend, BackendError, BackendRequest, Completion
-from lmhandler.loadtest import echo_config, spawned_handler, summarize
-from lmhandler.testing import echo_model, running_handler
-from protocol import (
+from rlmq.lmhandler import server as server_module
+from rlmq.lmhandler.backends import Backend, BackendError, BackendRequest, Completion
+from rlmq.lmhandler.loadtest import echo_config, spawned_handler, summarize
+from rlmq.lmhandler.testing import echo_model, running_handler
+from rlmq.protocol import (
     ChatMessage,
     CompleteReply,
     CompleteRequest,
@@ -37,8 +37,8 @@ from protocol import (
     encode,
     pack,
 )
-from protocol import messages as messages_module
-from protocol.codec import LARGE_REPLY_CHARS, encode_complete_reply
+from rlmq.protocol import messages as messages_module
+from rlmq.protocol.codec import LARGE_REPLY_CHARS, encode_complete_reply
 
 
 def loadtest(*args: str) -> subprocess.CompletedProcess[str]:

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
-from lmhandler.testing import ScriptedModel, echo_model, running_handler
-from orchestrator.loop import LAST_CALL, NO_CODE_NUDGE, RLM, RunResult
-from orchestrator.settings import RunSettings
-from orchestrator.trajectory import Trajectory
-from protocol import AsyncHandlerClient
-from protocol.sandbox import AsyncSandboxClient
-from sandbox.testing import running_pool
+from rlmq.lmhandler.testing import ScriptedModel, echo_model, running_handler
+from rlmq.orchestrator.loop import LAST_CALL, NO_CODE_NUDGE, RLM, RunResult
+from rlmq.orchestrator.settings import RunSettings
+from rlmq.orchestrator.trajectory import Trajectory
+from rlmq.protocol import AsyncHandlerClient
+from rlmq.protocol.sandbox import AsyncSandboxClient
+from rlmq.sandbox.testing import running_pool
 
 
 @dataclass

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.contexts import ContextError, load_context
-from orchestrator.history import History
-from orchestrator.parsing import FinalText, extract_code_blocks, find_final
-from orchestrator.prompts import describe_context, system_prompt
-from orchestrator.settings import RunSettings, SettingsError, load_run_settings
-from protocol import ChatMessage
+from rlmq.orchestrator.contexts import ContextError, load_context
+from rlmq.orchestrator.history import History
+from rlmq.orchestrator.parsing import FinalText, extract_code_blocks, find_final
+from rlmq.orchestrator.prompts import describe_context, system_prompt
+from rlmq.orchestrator.settings import RunSettings, SettingsError, load_run_settings
+from rlmq.protocol import ChatMessage
 
 
 def test_blocks_in_order_repl_and_python_tags() -> None:

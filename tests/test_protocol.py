@@ -7,7 +7,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from protocol import (
+from rlmq.protocol import (
     PROTOCOL_VERSION,
     ChatMessage,
     CompleteReply,
@@ -253,7 +253,7 @@ def test_spec_version_matches_code() -> None:
 
 
 def test_spec_lists_every_error_code_and_op() -> None:
-    from protocol.messages import REQUEST_TYPES
+    from rlmq.protocol.messages import REQUEST_TYPES
 
     spec = (ROOT / "docs" / "protocol.md").read_text()
     for code in ErrorCode:

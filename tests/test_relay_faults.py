@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
-from lmhandler.fakeprovider import FakeProvider, FakeProviderConfig
-from lmhandler.testing import echo_model, running_handler
-from protocol import AsyncHandlerClient, CompleteReply, ErrorCode, RemoteError
+from rlmq.lmhandler.fakeprovider import FakeProvider, FakeProviderConfig
+from rlmq.lmhandler.testing import echo_model, running_handler
+from rlmq.protocol import AsyncHandlerClient, CompleteReply, ErrorCode, RemoteError
 
 BACKENDS = ["anthropic", "openai"]
 

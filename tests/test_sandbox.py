@@ -21,9 +21,9 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from lmhandler.server import Handler
-from lmhandler.testing import echo_model, running_handler
-from protocol import (
+from rlmq.lmhandler.server import Handler
+from rlmq.lmhandler.testing import echo_model, running_handler
+from rlmq.protocol import (
     AsyncHandlerClient,
     DecodeError,
     ErrorCode,
@@ -33,7 +33,7 @@ from protocol import (
     UnsupportedVersion,
     pack,
 )
-from protocol.sandbox import (
+from rlmq.protocol.sandbox import (
     AsyncSandboxClient,
     ExecResult,
     SandboxCode,
@@ -43,9 +43,9 @@ from protocol.sandbox import (
     decode_sandbox_request,
     encode_context,
 )
-from sandbox import ConfigError, LLMQueryError, Pool, PoolConfig, Repl, RLMQueryError, build_config
-from sandbox.runtime import OutputCapture
-from sandbox.testing import running_pool
+from rlmq.sandbox import ConfigError, LLMQueryError, Pool, PoolConfig, Repl, RLMQueryError, build_config
+from rlmq.sandbox.runtime import OutputCapture
+from rlmq.sandbox.testing import running_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,14 @@ class FakeCalls:
 
 @pytest.mark.parametrize(
     "module",
-    ["sandbox", "sandbox.testing", "sandbox.cli", "sandbox.runtime", "sandbox.procs", "protocol.sandbox"],
+    [
+        "rlmq.sandbox",
+        "rlmq.sandbox.testing",
+        "rlmq.sandbox.cli",
+        "rlmq.sandbox.runtime",
+        "rlmq.sandbox.procs",
+        "rlmq.protocol.sandbox",
+    ],
 )
 def test_sandbox_all_names_exist_once(module: str) -> None:
     exported = importlib.import_module(module).__all__
@@ -589,7 +596,7 @@ async def test_ping_and_stats(client: AsyncSandboxClient) -> None:
 
 
 def test_cli_rejects_unknown_config_keys(tmp_path: Path) -> None:
-    from sandbox import cli
+    from rlmq.sandbox import cli
 
     config = tmp_path / "rlmq.toml"
     config.write_text('[models.sub]\nbackend = "echo"\n\n[sandbox]\nworkrs = 3\n')

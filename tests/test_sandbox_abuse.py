@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import zmq.asyncio
 
-from lmhandler.backends import Backend, BackendRequest, Completion
-from lmhandler.server import Handler
-from lmhandler.testing import echo_model, running_handler
-from protocol import Usage
-from protocol.sandbox import AsyncSandboxClient, ExecResult, Session
-from sandbox import Pool, procs
-from sandbox.isolation import CGROUP_V1_PIDS
-from sandbox.testing import running_pool
+from rlmq.lmhandler.backends import Backend, BackendRequest, Completion
+from rlmq.lmhandler.server import Handler
+from rlmq.lmhandler.testing import echo_model, running_handler
+from rlmq.protocol import Usage
+from rlmq.protocol.sandbox import AsyncSandboxClient, ExecResult, Session
+from rlmq.sandbox import Pool, procs
+from rlmq.sandbox.isolation import CGROUP_V1_PIDS
+from rlmq.sandbox.testing import running_pool
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="uid drop and cgroups need the pool to run as root")
 NEEDS_BWRAP = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")

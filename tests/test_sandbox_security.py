@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import zmq.asyncio
 
-from lmhandler.testing import echo_model, running_handler
-from protocol.sandbox import AsyncSandboxClient, SandboxError
-from protocol.security import AuthRequired, CurveClientKeys, CurveServerKeys, generate_keypair
-from sandbox.testing import running_pool
+from rlmq.lmhandler.testing import echo_model, running_handler
+from rlmq.protocol.sandbox import AsyncSandboxClient, SandboxError
+from rlmq.protocol.security import AuthRequired, CurveClientKeys, CurveServerKeys, generate_keypair
+from rlmq.sandbox.testing import running_pool
 
 
 async def test_pool_beyond_loopback_refuses_to_start_without_keys(actx: zmq.asyncio.Context) -> None:

@@ -16,11 +16,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from lmhandler.config import HandlerConfig, parse_config
-from lmhandler.server import Handler
-from lmhandler.testing import echo_model, ipc_address
-from protocol import AsyncHandlerClient
-from protocol.security import (
+from rlmq.lmhandler.config import HandlerConfig, parse_config
+from rlmq.lmhandler.server import Handler
+from rlmq.lmhandler.testing import echo_model, ipc_address
+from rlmq.protocol import AsyncHandlerClient
+from rlmq.protocol.security import (
     AuthRequired,
     CurveAuthenticator,
     CurveClientKeys,

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from lmhandler import shaping
-from lmhandler.shaping import AdaptiveLimit, CircuitBreaker, CircuitOpen, RetryBudget
+from rlmq.lmhandler import shaping
+from rlmq.lmhandler.shaping import AdaptiveLimit, CircuitBreaker, CircuitOpen, RetryBudget
 
 
 class Clock:

@@ -19,8 +19,8 @@ import random
 import socket
 import sys
 
-from protocol import HandlerClient, RlmqError
-from protocol.sandbox import AsyncSandboxClient
+from rlmq.protocol import HandlerClient, RlmqError
+from rlmq.protocol.sandbox import AsyncSandboxClient
 
 DEFAULT_HANDLER = "ipc:///run/rlmq/handler.sock"
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
-from protocol import ErrorCode
+from rlmq.protocol import ErrorCode
 
 from .base import BackendError
 

@@ -24,7 +24,7 @@ import anthropic
 import httpx2
 from anthropic.types import Message, MessageParam, TextBlockParam
 
-from protocol import ChatMessage, ErrorCode, Usage
+from rlmq.protocol import ChatMessage, ErrorCode, Usage
 
 from ..config import ModelConfig
 from . import _http

@@ -12,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from protocol import ChatMessage, ErrorCode, Usage
+from rlmq.protocol import ChatMessage, ErrorCode, Usage
 
 __all__ = [
     "Backend",

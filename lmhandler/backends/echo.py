@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from protocol import ErrorCode, Usage
+from rlmq.protocol import ErrorCode, Usage
 
 from ..config import ConfigError, ModelConfig
 from .base import Backend, BackendError, BackendRequest, Completion, estimate_tokens

@@ -14,7 +14,7 @@ from typing import Any, Final, TypeGuard
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from protocol import Usage
+from rlmq.protocol import Usage
 
 from ..config import ModelConfig
 from . import _http
