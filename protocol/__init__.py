@@ -16,8 +16,10 @@ from .codec import (
     unpack,
 )
 from .errors import (
+    ConfigError,
     DecodeError,
     ErrorCode,
+    ErrorInfo,
     MessageTooLarge,
     ProtocolError,
     RemoteError,
@@ -56,8 +58,10 @@ __all__ = [
     "ChatMessage",
     "CompleteReply",
     "CompleteRequest",
+    "ConfigError",
     "DecodeError",
     "ErrorCode",
+    "ErrorInfo",
     "ErrorReply",
     "HandlerClient",
     "MessageTooLarge",

@@ -1,25 +1,37 @@
-"""Error codes of the wire protocol and the exception tree every rlmq package shares.
+"""The one registry of wire error codes, and the root of every exception rlmq raises on purpose.
 
-    RlmqError                      base of everything raised on purpose by rlmq
+    RlmqError                      code, message, retryable: the fields of a wire error
+    ├── ConfigError                a config file, flag or setting that cannot be used as written
     ├── ProtocolError              a frame or message that does not follow the spec
     │   ├── DecodeError            not msgpack, not a map, missing/mistyped fields
     │   ├── UnsupportedVersion     `v` is not a version this side speaks
     │   ├── UnknownOp              `op` names no operation
     │   └── MessageTooLarge        payload over the configured limit
-    ├── RemoteError                an error reply from a peer (code, message, retryable)
-    └── TransportTimeout           no reply within the caller's timeout
+    ├── RemoteError                an error reply from a peer, its ErrorInfo kept whole
+    │   └── SandboxError           ... from the sandbox pool (rlmq.protocol.sandbox)
+    ├── TransportTimeout           no reply within the caller's timeout
+    ├── CurveError                 keys missing or malformed (rlmq.protocol.security)
+    └── one subtree per service, drawn in its package docstring:
+        HandlerError (rlmq.lmhandler), PoolError (rlmq.sandbox), RunError (rlmq.orchestrator)
 
-On the wire an error is always ``{code, message, retryable}``; ``ErrorCode`` lists the codes.
-Each exception knows the code it travels as, so servers turn any of them into a reply the same way.
+On the wire an error is always ``{code, message, retryable}`` (``ErrorInfo``); ``ErrorCode``
+lists every code of both protocols, handler and sandbox. Each exception knows the code it travels
+as, so any server turns any of them into a reply the same way (``ErrorInfo.of``), and any client
+turns a reply back into an exception without folding it into text (``ErrorInfo.exception``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 __all__ = [
+    "ConfigError",
     "DecodeError",
     "ErrorCode",
+    "ErrorInfo",
     "MessageTooLarge",
     "ProtocolError",
     "RemoteError",
@@ -32,7 +44,10 @@ __all__ = [
 
 
 class ErrorCode(StrEnum):
-    """Every error code a reply may carry. New codes may be added in a minor revision."""
+    """Every error code a reply of either protocol may carry. New codes may be added in a minor
+    revision; a peer keeps a code it does not know verbatim (``RemoteError.raw_code``)."""
+
+    # the handler protocol (and shared with the sandbox protocol)
 
     BAD_REQUEST = "bad_request"
     UNSUPPORTED_VERSION = "unsupported_version"
@@ -49,6 +64,12 @@ class ErrorCode(StrEnum):
     RUN_CLOSED = "run_closed"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    # the sandbox session protocol
+    UNKNOWN_SESSION = "unknown_session"  # no open session has this id (closed, expired, never opened)
+    SESSION_BUSY = "session_busy"  # an exec is already running in this session
+    SESSION_LOST = "session_lost"  # the worker died and no replacement could be started
+    POOL_EXHAUSTED = "pool_exhausted"  # no worker became ready within open_timeout_s
+    RLM_FAILED = "rlm_failed"  # a child run (rlm_query) failed
 
 
 _RETRYABLE = frozenset(
@@ -75,6 +96,17 @@ class RlmqError(Exception):
         super().__init__(message)
         self.message = message
         self.retryable = default_retryable(self.code) if retryable is None else retryable
+        # Seconds the peer asked us to wait before trying again, when it said.
+        self.retry_after_s: float | None = None
+
+
+class ConfigError(RlmqError):
+    """A configuration file, flag or setting that cannot be used as written."""
+
+    code = ErrorCode.BAD_REQUEST
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
 
 
 class ProtocolError(RlmqError):
@@ -107,19 +139,80 @@ class MessageTooLarge(ProtocolError):
 class RemoteError(RlmqError):
     """An error reply received from a peer; carries the peer's code verbatim."""
 
-    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, code: str, message: str, *, retryable: bool = False, retry_after_s: float | None = None
+    ) -> None:
         try:
             known: ErrorCode = ErrorCode(code)
         except ValueError:
             known = ErrorCode.INTERNAL
         self.code = known
+        super().__init__(message, retryable=retryable)
         # Keep the raw code: a newer peer may send codes this version does not know.
-        self.raw_code = code
-        super().__init__(f"{code}: {message}", retryable=retryable)
-        self.message = message
+        self.raw_code = str(code)
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return f"{self.raw_code}: {self.message}"
 
 
 class TransportTimeout(RlmqError):
     """No reply arrived within the caller's timeout."""
 
     code = ErrorCode.TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An error as it travels: on the wire, inside other messages, in results and trajectories.
+
+    Every hop (handler -> worker -> pool -> orchestrator) carries this structure, never a string
+    made of it, so the last receiver can still branch on ``code`` and ``retryable``.
+    """
+
+    code: str
+    message: str
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ErrorInfo:
+        """The wire form of an exception: its own fields for an ``RlmqError``, else ``internal``."""
+        if isinstance(exc, RemoteError):
+            return cls(exc.raw_code, exc.message, exc.retryable, exc.retry_after_s)
+        if isinstance(exc, RlmqError):
+            return cls(str(exc.code), exc.message, exc.retryable, exc.retry_after_s)
+        return cls(str(ErrorCode.INTERNAL), f"{type(exc).__name__}: {exc}", False)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"code": self.code, "message": self.message, "retryable": self.retryable}
+        if self.retry_after_s is not None:
+            wire["retry_after_s"] = self.retry_after_s
+        return wire
+
+    @classmethod
+    def from_wire(cls, value: object) -> ErrorInfo:
+        """Read ``{code, message, retryable[, retry_after_s]}``; anything else is a DecodeError."""
+        if not isinstance(value, Mapping):
+            raise DecodeError(f"error must be a map, not {type(value).__name__}")
+        code, message = value.get("code"), value.get("message")
+        retryable = value.get("retryable", False)
+        after = value.get("retry_after_s")
+        if not isinstance(code, str) or not code:
+            raise DecodeError("error.code must be a non-empty string")
+        if not isinstance(message, str):
+            raise DecodeError("error.message must be a string")
+        if not isinstance(retryable, bool):
+            raise DecodeError("error.retryable must be a boolean")
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int | float) or after < 0):
+            raise DecodeError("error.retry_after_s must be a non-negative number")
+        return cls(code, message, retryable, None if after is None else float(after))
+
+    def exception(self) -> RemoteError:
+        """The exception a client raises for this error."""
+        return RemoteError(
+            self.code, self.message, retryable=self.retryable, retry_after_s=self.retry_after_s
+        )
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -35,6 +36,8 @@ from rlmq.protocol import (
     peek_id,
     unpack,
 )
+from rlmq.protocol import messages as messages_module
+from rlmq.protocol.codec import LARGE_REPLY_CHARS, encode_complete_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,3 +263,86 @@ def test_spec_lists_every_error_code_and_op() -> None:
         assert f"`{code.value}`" in spec, f"error code {code.value} is not documented"
     for op in REQUEST_TYPES:
         assert f"`{op}`" in spec, f"op {op} is not documented"
+
+
+# ---------------------------------------------------------------- fast paths equal slow ones
+
+
+def test_encode_complete_reply_is_encode_of_the_dataclass() -> None:
+    usage = Usage(12, 34, 5, 6)
+    for cached, retries, stop in [(False, 0, "end_turn"), (True, 3, None)]:
+        reply = CompleteReply("id-1", "text ü", "m", usage, cached, retries, 1.25, stop)
+        fast = encode_complete_reply(
+            "id-1", "text ü", "m", usage, cached=cached, retries=retries, latency_ms=1.25, stop_reason=stop
+        )
+        assert fast == encode(reply)
+    big = "x" * (LARGE_REPLY_CHARS + 5)  # packed into a presized buffer, sent as a view of it
+    view = encode_complete_reply(
+        "id-2", big, "m", usage, cached=False, retries=0, latency_ms=2.5, stop_reason=None
+    )
+    assert bytes(view) == encode(CompleteReply("id-2", big, "m", usage, False, 0, 2.5, None))
+
+
+WELL_FORMED: list[dict[str, Any]] = [
+    {"model": "m", "prompt": "hi"},
+    {"model": "m", "prompt": ""},
+    {"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]},
+    {"model": "m", "prompt": "p", "max_tokens": 7, "temperature": 1, "timeout_s": 2, "run": "r", "depth": 3},
+    {"model": "m", "prompt": "p", "temperature": 0.5, "timeout_s": 0.25, "depth": 0, "run": None},
+    {"model": "m", "prompt": "ignored", "messages": [{"role": "assistant", "content": "a"}]},
+    {"model": "m", "messages": [{"role": "user", "content": "u", "name": "extra keys are ignored"}]},
+]
+
+MALFORMED: list[dict[str, Any]] = [
+    {"model": 1, "prompt": "p"},
+    {"model": "m"},
+    {"model": "m", "prompt": 3},
+    {"model": "m", "messages": []},
+    {"model": "m", "messages": "hi"},
+    {"model": "m", "messages": [["user", "x"]]},
+    {"model": "m", "messages": [{"role": "robot", "content": "x"}]},
+    {"model": "m", "messages": [{"role": "user", "content": None}]},
+    {"model": "m", "prompt": "p", "max_tokens": 0},
+    {"model": "m", "prompt": "p", "max_tokens": True},
+    {"model": "m", "prompt": "p", "max_tokens": 1.5},
+    {"model": "m", "prompt": "p", "temperature": -0.1},
+    {"model": "m", "prompt": "p", "temperature": "hot"},
+    {"model": "m", "prompt": "p", "timeout_s": False},
+    {"model": "m", "prompt": "p", "run": 5},
+    {"model": "m", "prompt": "p", "depth": -1},
+    {"model": "m", "prompt": "p", "depth": 1.0},
+]
+
+
+@pytest.fixture
+def slow_decode(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Decode with the field readers alone, the fast path switched off."""
+
+    def decode(fields: dict[str, Any]) -> CompleteRequest:
+        with monkeypatch.context() as m:
+            m.setattr(messages_module, "_complete_fast", lambda d, rid: None)
+            request = decode_request(pack({"v": 1, "op": "complete", "id": "x", **fields}))
+        assert isinstance(request, CompleteRequest)
+        return request
+
+    return decode
+
+
+@pytest.mark.parametrize("fields", WELL_FORMED)
+def test_fast_decode_equals_the_field_readers(fields: dict[str, Any], slow_decode: Any) -> None:
+    fast = decode_request(pack({"v": 1, "op": "complete", "id": "x", **fields}))
+    assert fast == slow_decode(fields)
+    assert isinstance(fast, CompleteRequest)
+    assert all(isinstance(m, ChatMessage) for m in fast.messages)
+    with pytest.raises(AttributeError):
+        fast.model = "changed"  # type: ignore[misc]  # still frozen
+
+
+@pytest.mark.parametrize("fields", MALFORMED)
+def test_fast_decode_refuses_what_the_field_readers_refuse(fields: dict[str, Any], slow_decode: Any) -> None:
+    with pytest.raises(DecodeError) as fast:
+        decode_request(pack({"v": 1, "op": "complete", "id": "x", **fields}))
+    with pytest.raises(DecodeError) as slow:
+        slow_decode(fields)
+    assert fast.value.message == slow.value.message
+    assert fast.value.request_id == "x"
