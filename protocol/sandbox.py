@@ -35,7 +35,15 @@ import zmq.asyncio
 
 from .client import _AsyncDealer
 from .codec import DEFAULT_MAX_MESSAGE_BYTES, pack, unpack
-from .errors import DecodeError, ErrorCode, ProtocolError, RlmqError, UnknownOp, UnsupportedVersion
+from .errors import (
+    DecodeError,
+    ErrorCode,
+    ErrorInfo,
+    ProtocolError,
+    RlmqError,
+    UnknownOp,
+    UnsupportedVersion,
+)
 from .messages import (
     ErrorReply,
     _drop_none,
@@ -457,8 +465,7 @@ class RlmResult:
     session: str
     ok: bool
     text: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
+    error: ErrorInfo | None = None
 
     OP: ClassVar[str] = "rlm_result"
 
@@ -467,7 +474,8 @@ class RlmResult:
         if self.ok:
             wire["text"] = self.text or ""
         else:
-            wire["error"] = {"code": self.error_code or "rlm_failed", "message": self.error_message or ""}
+            error = self.error or ErrorInfo(ErrorCode.RLM_FAILED, "the child run failed")
+            wire["error"] = error.to_wire()
         return wire
 
     @classmethod
@@ -477,14 +485,11 @@ class RlmResult:
         ok = _field(d, "ok", (bool,), "a boolean", rid)
         if ok:
             return cls(rid, session, True, text=_str(d, "text", rid))
-        error = _field(d, "error", (dict,), "a map", rid)
-        return cls(
-            rid,
-            session,
-            False,
-            error_code=_opt_str(error, "code", rid) or SandboxCode.RLM_FAILED.value,
-            error_message=_opt_str(error, "message", rid) or "",
-        )
+        try:
+            error = ErrorInfo.from_wire(_field(d, "error", (dict,), "a map", rid))
+        except DecodeError as exc:
+            raise DecodeError(exc.message, request_id=rid) from None
+        return cls(rid, session, False, error=error)
 
 
 SandboxRequest = OpenRequest | ExecRequest | CloseRequest | SandboxPing | SandboxStats | RlmResult
@@ -841,8 +846,7 @@ class AsyncSandboxClient(_AsyncDealer):
                 query.id,
                 query.session,
                 False,
-                error_code=SandboxCode.RLM_FAILED,
-                error_message="this session has no on_rlm_query handler",
+                error=ErrorInfo(ErrorCode.RLM_FAILED, "this session has no on_rlm_query handler"),
             )
         else:
             try:
@@ -856,11 +860,10 @@ class AsyncSandboxClient(_AsyncDealer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the orchestrator's failure becomes an exception in the code
-                code = str(getattr(exc, "code", "") or SandboxCode.RLM_FAILED)
-                message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-                result = RlmResult(
-                    query.id, query.session, False, error_code=code, error_message=str(message)
-                )
+                error = ErrorInfo.of(exc)
+                if not isinstance(exc, RlmqError):  # a bug of the callback, not a typed failure
+                    error = ErrorInfo(ErrorCode.RLM_FAILED, error.message)
+                result = RlmResult(query.id, query.session, False, error=error)
         if not self._closed:
             await self._send(result.to_wire(), [])
 

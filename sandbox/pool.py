@@ -785,7 +785,9 @@ class Pool:
         if req.ok:
             answer = RlmAnswer(worker_qid, True, text=req.text or "")
         else:
-            answer = RlmAnswer(worker_qid, False, error=f"({req.error_code}) {req.error_message}")
+            # TODO(structural): RlmAnswer carries ErrorInfo once the worker wire does.
+            error = req.error
+            answer = RlmAnswer(worker_qid, False, error=f"({error.code}) {error.message}" if error else "")
         self._send_worker(worker, answer.to_wire())
 
     # ------------------------------------------------------------ worker side
