@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -29,3 +30,26 @@ def zctx() -> Iterator[zmq.Context]:  # type: ignore[type-arg]
     ctx: zmq.Context = zmq.Context()  # type: ignore[type-arg]
     yield ctx
     _assert_closed(ctx)
+
+
+# ---------------------------------------------------------------- skips that cannot hide
+# A test that needs something this machine may lack (bubblewrap, root, Docker) says so with
+# `requires(...)`. On a developer's machine a missing prerequisite skips, with its reason in the
+# summary; under CI (CI or RLMQ_NO_SKIP set) every skip is a failure, so a renamed function or a
+# package CI forgot to install can never turn a test off unnoticed.
+STRICT_SKIPS = bool(os.environ.get("CI") or os.environ.get("RLMQ_NO_SKIP"))
+
+
+def requires(available: bool, what: str) -> pytest.MarkDecorator:
+    """``@requires(shutil.which("bwrap") is not None, "bubblewrap (bwrap)")``."""
+    return pytest.mark.skipif(not available, reason=f"needs {what}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if STRICT_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where nothing may skip: {reason}"
