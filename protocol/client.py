@@ -1,28 +1,27 @@
-"""ZeroMQ clients of the handler: the only module of ``protocol`` that owns sockets.
+"""The handler's clients: ``AsyncHandlerClient`` (asyncio, for orchestrators and tools) and
+``HandlerClient`` (blocking, for sandbox workers whose model code calls ``llm_query``).
 
-``AsyncHandlerClient`` (asyncio, for orchestrators and tools) and ``HandlerClient`` (blocking,
-for sandbox workers whose model code calls ``llm_query`` synchronously) both use one DEALER
-socket, many requests in flight on it, and match replies to requests by ``id``. Every wait has a
-timeout; an error reply is raised as ``RemoteError`` with the peer's code.
+Both use one DEALER socket (``dealer.py``), many requests in flight on it, and match replies to
+requests by ``id``. They share one core, ``_HandlerCalls``: how each request is built and how a
+reply becomes a result or an exception. Only the waiting differs. Every wait has a timeout; an
+error reply is raised as ``RemoteError`` with the peer's code, message and retryable flag.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import logging
-import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Self
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
 
-from .codec import decode_reply, encode, unpack
-from .errors import ProtocolError, RemoteError, TransportTimeout
+from .codec import decode_reply, encode
+from .dealer import AsyncDealer, RequestIds, configure_socket, read_reply
+from .errors import DecodeError, RemoteError, TransportTimeout
 from .messages import (
     ChatMessage,
     CompleteReply,
@@ -45,18 +44,11 @@ from .security import CurveClientKeys, connect
 
 __all__ = ["AsyncHandlerClient", "HandlerClient", "as_messages", "configure_socket"]
 
-log = logging.getLogger(__name__)
-
 DEFAULT_TIMEOUT_S = 300.0
-# High water marks: a relay holds thousands of requests in flight on one socket, and ZeroMQ's
-# default of 1,000 would block senders or (on ROUTER) silently drop replies past it.
-HWM = 1_000_000
-
-
-def configure_socket(sock: zmq.Socket[Any]) -> None:
-    sock.setsockopt(zmq.SNDHWM, HWM)
-    sock.setsockopt(zmq.RCVHWM, HWM)
-    sock.setsockopt(zmq.LINGER, 0)
+# The transport waits this much longer than a complete's own timeout, so the handler's typed
+# `timeout` reply wins over the client's TransportTimeout.
+TIMEOUT_MARGIN_S = 5.0
+R = TypeVar("R", bound=Reply)
 
 
 def as_messages(
@@ -71,65 +63,61 @@ def as_messages(
     return tuple(out)
 
 
-class _Ids:
-    """Request ids unique across processes sharing one handler: a random prefix and a counter."""
-
-    def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex()
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}-{next(self._counter)}"
-
-
-def _check(reply: Reply) -> Reply:
+def _raise_for(reply: Reply) -> Reply:
     if isinstance(reply, ErrorReply):
-        raise RemoteError(reply.code, reply.message, retryable=reply.retryable)
+        raise RemoteError(
+            reply.code, reply.message, retryable=reply.retryable, retry_after_s=reply.retry_after_s
+        )
     return reply
 
 
-class _AsyncDealer:
-    """One asyncio DEALER socket to a server, with request ids; the handler's and the sandbox
-    pool's clients build their request/reply matching on it."""
+def _expect(reply: Reply, kind: type[R]) -> R:
+    """``reply`` as the type its request asks for; an error reply is raised."""
+    _raise_for(reply)
+    if not isinstance(reply, kind):
+        raise DecodeError(
+            f"expected a {kind.__name__} reply, got {type(reply).__name__}", request_id=reply.id
+        )
+    return reply
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        context: zmq.asyncio.Context | None,
-        timeout_s: float,
-        curve: CurveClientKeys | None,
-    ) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
-        self._own_context = context is None
-        self._ctx = context or zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        configure_socket(self._sock)
-        connect(self._sock, address, curve)  # CURVE on TCP when keys are given
-        self._ids = _Ids()
-        self._reader: asyncio.Task[None] | None = None
-        self._closed = False
 
-    async def __aenter__(self) -> Self:
-        return self
+def _complete_wait(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else timeout_s + TIMEOUT_MARGIN_S
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+
+class _HandlerCalls:
+    """What both handler clients share: building requests and reading replies into results."""
+
+    run: str | None
+    depth: int
+    _ids: RequestIds
 
     def new_id(self) -> str:
         return self._ids.next()
 
-    async def aclose(self) -> None:
-        raise NotImplementedError
+    def _complete_request(
+        self,
+        prompt: str | Sequence[ChatMessage] | Sequence[dict[str, str]],
+        model: str,
+        max_tokens: int | None,
+        temperature: float | None,
+        timeout_s: float | None,
+        run: str | None = None,
+        depth: int | None = None,
+    ) -> CompleteRequest:
+        return CompleteRequest(
+            id=self.new_id(),
+            model=model,
+            messages=as_messages(prompt),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            timeout_s=timeout_s,
+            run=run if run is not None else self.run,
+            depth=self.depth if depth is None else depth,
+        )
 
-    def _close_socket(self) -> None:
-        self._sock.close(linger=0)
-        if self._own_context:
-            self._ctx.term()
 
-
-class AsyncHandlerClient(_AsyncDealer):
+class AsyncHandlerClient(AsyncDealer, _HandlerCalls):
     """An asyncio client of the handler; safe to share between tasks of one event loop."""
 
     def __init__(
@@ -150,11 +138,8 @@ class AsyncHandlerClient(_AsyncDealer):
     async def _read(self) -> None:
         while True:
             frames = await self._sock.recv_multipart(copy=False)
-            try:
-                obj = unpack(frames[-1].buffer, max_bytes=1 << 62)
-            except ProtocolError as exc:
-                # A reply we cannot read cannot be matched to a request either.
-                log.warning("unreadable reply from %s dropped: %s", self.address, exc.message)
+            obj = read_reply(frames[-1].buffer, self.address)
+            if obj is None:
                 continue
             rid = obj.get("id")
             entry = self._pending.pop(rid, None) if isinstance(rid, str) else None
@@ -184,7 +169,7 @@ class AsyncHandlerClient(_AsyncDealer):
             raise TransportTimeout(
                 f"no reply to {req.OP} {req.id} from {self.address} within {timeout:g} s"
             ) from None
-        return _check(reply)
+        return _raise_for(reply)
 
     async def complete(
         self,
@@ -197,46 +182,24 @@ class AsyncHandlerClient(_AsyncDealer):
         run: str | None = None,
         depth: int | None = None,
     ) -> CompleteReply:
-        req = CompleteRequest(
-            id=self.new_id(),
-            model=model,
-            messages=as_messages(prompt),
-            max_tokens=max_tokens,
-            temperature=temperature,
-            timeout_s=timeout_s,
-            run=run if run is not None else self.run,
-            depth=self.depth if depth is None else depth,
-        )
-        # The transport waits a little longer than the handler so its typed timeout wins.
-        wait = None if timeout_s is None else timeout_s + 5.0
-        reply = await self.request(req, timeout_s=wait)
-        assert isinstance(reply, CompleteReply)
-        return reply
+        req = self._complete_request(prompt, model, max_tokens, temperature, timeout_s, run, depth)
+        return _expect(await self.request(req, timeout_s=_complete_wait(timeout_s)), CompleteReply)
 
     async def ping(self, *, timeout_s: float | None = None) -> PongReply:
-        reply = await self.request(PingRequest(self.new_id()), timeout_s=timeout_s)
-        assert isinstance(reply, PongReply)
-        return reply
+        return _expect(await self.request(PingRequest(self.new_id()), timeout_s=timeout_s), PongReply)
 
     async def stats(self) -> dict[str, Any]:
-        reply = await self.request(StatsRequest(self.new_id()))
-        assert isinstance(reply, StatsReply)
-        return dict(reply.stats)
+        return dict(_expect(await self.request(StatsRequest(self.new_id())), StatsReply).stats)
 
     async def run_open(self, run: str, limits: RunLimits | None = None) -> RunUsage:
-        reply = await self.request(RunOpenRequest(self.new_id(), run, limits or RunLimits()))
-        assert isinstance(reply, RunUsageReply)
-        return reply.run
+        req = RunOpenRequest(self.new_id(), run, limits or RunLimits())
+        return _expect(await self.request(req), RunUsageReply).run
 
     async def run_close(self, run: str) -> RunUsage:
-        reply = await self.request(RunCloseRequest(self.new_id(), run))
-        assert isinstance(reply, RunUsageReply)
-        return reply.run
+        return _expect(await self.request(RunCloseRequest(self.new_id(), run)), RunUsageReply).run
 
     async def usage(self, run: str) -> RunUsage:
-        reply = await self.request(UsageRequest(self.new_id(), run))
-        assert isinstance(reply, RunUsageReply)
-        return reply.run
+        return _expect(await self.request(UsageRequest(self.new_id(), run)), RunUsageReply).run
 
     async def aclose(self) -> None:
         if self._closed:
@@ -254,7 +217,7 @@ class AsyncHandlerClient(_AsyncDealer):
         self._close_socket()
 
 
-class HandlerClient:
+class HandlerClient(_HandlerCalls):
     """A blocking client for code that is not async (sandbox workers).
 
     ``complete_many`` sends every request before waiting for any reply, so a batch of N
@@ -280,7 +243,7 @@ class HandlerClient:
         self._sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
         configure_socket(self._sock)
         connect(self._sock, address, curve)  # CURVE on TCP when keys are given
-        self._ids = _Ids()
+        self._ids = RequestIds()
         self._lock = threading.Lock()
 
     def __enter__(self) -> HandlerClient:
@@ -288,9 +251,6 @@ class HandlerClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def new_id(self) -> str:
-        return self._ids.next()
 
     def request_many(self, reqs: Sequence[Request], *, timeout_s: float | None = None) -> list[Reply]:
         """Send all, then collect replies in request order. Error replies are returned, not raised."""
@@ -309,10 +269,8 @@ class HandlerClient:
                         f"{missing} of {len(ops)} replies from {self.address} missing after {timeout:g} s"
                     )
                 frames = self._sock.recv_multipart(copy=False)
-                try:
-                    obj = unpack(frames[-1].buffer, max_bytes=1 << 62)
-                except ProtocolError as exc:
-                    log.warning("unreadable reply from %s dropped: %s", self.address, exc.message)
+                obj = read_reply(frames[-1].buffer, self.address)
+                if obj is None:
                     continue
                 rid = obj.get("id")
                 if isinstance(rid, str) and rid in ops and rid not in replies:
@@ -321,20 +279,7 @@ class HandlerClient:
         return [replies[r.id] for r in reqs]
 
     def request(self, req: Request, *, timeout_s: float | None = None) -> Reply:
-        return _check(self.request_many([req], timeout_s=timeout_s)[0])
-
-    def _complete_req(
-        self, prompt: Any, model: str, max_tokens: int | None, timeout_s: float | None
-    ) -> CompleteRequest:
-        return CompleteRequest(
-            id=self.new_id(),
-            model=model,
-            messages=as_messages(prompt),
-            max_tokens=max_tokens,
-            timeout_s=timeout_s,
-            run=self.run,
-            depth=self.depth,
-        )
+        return _raise_for(self.request_many([req], timeout_s=timeout_s)[0])
 
     def complete(
         self,
@@ -344,10 +289,8 @@ class HandlerClient:
         max_tokens: int | None = None,
         timeout_s: float | None = None,
     ) -> CompleteReply:
-        wait = None if timeout_s is None else timeout_s + 5.0
-        reply = self.request(self._complete_req(prompt, model, max_tokens, timeout_s), timeout_s=wait)
-        assert isinstance(reply, CompleteReply)
-        return reply
+        req = self._complete_request(prompt, model, max_tokens, None, timeout_s)
+        return _expect(self.request(req, timeout_s=_complete_wait(timeout_s)), CompleteReply)
 
     def complete_many(
         self,
@@ -357,28 +300,20 @@ class HandlerClient:
         max_tokens: int | None = None,
         timeout_s: float | None = None,
     ) -> list[CompleteReply | ErrorReply]:
-        reqs = [self._complete_req(p, model, max_tokens, timeout_s) for p in prompts]
-        wait = None if timeout_s is None else timeout_s + 5.0
+        reqs = [self._complete_request(p, model, max_tokens, None, timeout_s) for p in prompts]
         out: list[CompleteReply | ErrorReply] = []
-        for r in self.request_many(reqs, timeout_s=wait):
-            assert isinstance(r, CompleteReply | ErrorReply)
-            out.append(r)
+        for r in self.request_many(reqs, timeout_s=_complete_wait(timeout_s)):
+            out.append(r if isinstance(r, ErrorReply) else _expect(r, CompleteReply))
         return out
 
     def ping(self, *, timeout_s: float | None = None) -> PongReply:
-        reply = self.request(PingRequest(self.new_id()), timeout_s=timeout_s)
-        assert isinstance(reply, PongReply)
-        return reply
+        return _expect(self.request(PingRequest(self.new_id()), timeout_s=timeout_s), PongReply)
 
     def stats(self) -> dict[str, Any]:
-        reply = self.request(StatsRequest(self.new_id()))
-        assert isinstance(reply, StatsReply)
-        return dict(reply.stats)
+        return dict(_expect(self.request(StatsRequest(self.new_id())), StatsReply).stats)
 
     def usage(self, run: str) -> RunUsage:
-        reply = self.request(UsageRequest(self.new_id(), run))
-        assert isinstance(reply, RunUsageReply)
-        return reply.run
+        return _expect(self.request(UsageRequest(self.new_id(), run)), RunUsageReply).run
 
     def close(self) -> None:
         self._sock.close(linger=0)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from .errors import DecodeError, ErrorCode
+from .fields import Wire, drop_none, opt_float, opt_int, opt_string, required, string
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -37,58 +38,6 @@ __all__ = [
 PROTOCOL_VERSION = 1
 
 T = TypeVar("T")
-Wire = dict[str, Any]
-
-
-# ---------------------------------------------------------------- field readers
-
-
-def _field(d: Mapping[str, Any], key: str, kinds: tuple[type, ...], what: str, rid: str | None) -> Any:
-    if key not in d:
-        raise DecodeError(f"missing field {key!r}", request_id=rid)
-    value = d[key]
-    # bool is an int in Python; a wire bool is never a number.
-    if isinstance(value, bool) and bool not in kinds:
-        raise DecodeError(f"field {key!r} must be {what}, got bool", request_id=rid)
-    if not isinstance(value, kinds):
-        raise DecodeError(f"field {key!r} must be {what}, got {type(value).__name__}", request_id=rid)
-    return value
-
-
-def _opt(d: Mapping[str, Any], key: str, kinds: tuple[type, ...], what: str, rid: str | None) -> Any:
-    if d.get(key) is None:
-        return None
-    return _field(d, key, kinds, what, rid)
-
-
-def _str(d: Mapping[str, Any], key: str, rid: str | None) -> str:
-    value: str = _field(d, key, (str,), "a string", rid)
-    return value
-
-
-def _opt_str(d: Mapping[str, Any], key: str, rid: str | None) -> str | None:
-    value: str | None = _opt(d, key, (str,), "a string", rid)
-    return value
-
-
-def _opt_int(d: Mapping[str, Any], key: str, rid: str | None, *, minimum: int = 0) -> int | None:
-    value: int | None = _opt(d, key, (int,), "an integer", rid)
-    if value is not None and value < minimum:
-        raise DecodeError(f"field {key!r} must be >= {minimum}, got {value}", request_id=rid)
-    return value
-
-
-def _opt_float(d: Mapping[str, Any], key: str, rid: str | None) -> float | None:
-    value: int | float | None = _opt(d, key, (int, float), "a number", rid)
-    if value is None:
-        return None
-    if value < 0:
-        raise DecodeError(f"field {key!r} must be >= 0, got {value}", request_id=rid)
-    return float(value)
-
-
-def _drop_none(d: Wire) -> Wire:
-    return {k: v for k, v in d.items() if v is not None}
 
 
 # ---------------------------------------------------------------- shared values
@@ -108,8 +57,8 @@ class ChatMessage:
     def from_wire(cls, d: Any, rid: str | None, index: int) -> ChatMessage:
         if not isinstance(d, Mapping):
             raise DecodeError(f"messages[{index}] must be a map", request_id=rid)
-        role = _field(d, "role", (str,), "a string", rid)
-        content = _field(d, "content", (str,), "a string", rid)
+        role = required(d, "role", (str,), "a string", rid)
+        content = required(d, "content", (str,), "a string", rid)
         if role not in cls.ROLES:
             raise DecodeError(
                 f"messages[{index}].role must be one of system, user, assistant; got {role!r}",
@@ -142,10 +91,10 @@ class Usage:
         if not isinstance(d, Mapping):
             raise DecodeError("usage must be a map", request_id=rid)
         return cls(
-            input_tokens=_opt_int(d, "input_tokens", rid) or 0,
-            output_tokens=_opt_int(d, "output_tokens", rid) or 0,
-            cache_read_tokens=_opt_int(d, "cache_read_tokens", rid) or 0,
-            cache_write_tokens=_opt_int(d, "cache_write_tokens", rid) or 0,
+            input_tokens=opt_int(d, "input_tokens", rid) or 0,
+            output_tokens=opt_int(d, "output_tokens", rid) or 0,
+            cache_read_tokens=opt_int(d, "cache_read_tokens", rid) or 0,
+            cache_write_tokens=opt_int(d, "cache_write_tokens", rid) or 0,
         )
 
     def __add__(self, other: Usage) -> Usage:
@@ -168,7 +117,7 @@ class RunLimits:
     deadline_s: float | None = None
 
     def to_wire(self) -> Wire:
-        return _drop_none(
+        return drop_none(
             {
                 "max_calls": self.max_calls,
                 "max_input_tokens": self.max_input_tokens,
@@ -194,11 +143,11 @@ class RunLimits:
         if unknown:
             raise DecodeError(f"unknown limit(s): {', '.join(sorted(map(str, unknown)))}", request_id=rid)
         return cls(
-            max_calls=_opt_int(d, "max_calls", rid),
-            max_input_tokens=_opt_int(d, "max_input_tokens", rid),
-            max_output_tokens=_opt_int(d, "max_output_tokens", rid),
-            max_cost_usd=_opt_float(d, "max_cost_usd", rid),
-            deadline_s=_opt_float(d, "deadline_s", rid),
+            max_calls=opt_int(d, "max_calls", rid),
+            max_input_tokens=opt_int(d, "max_input_tokens", rid),
+            max_output_tokens=opt_int(d, "max_output_tokens", rid),
+            max_cost_usd=opt_float(d, "max_cost_usd", rid),
+            deadline_s=opt_float(d, "deadline_s", rid),
         )
 
 
@@ -238,17 +187,17 @@ class RunUsage:
         if not isinstance(d, Mapping):
             raise DecodeError("run usage must be a map", request_id=rid)
         return cls(
-            run=_str(d, "run", rid),
-            calls=_opt_int(d, "calls", rid) or 0,
-            cached_calls=_opt_int(d, "cached_calls", rid) or 0,
-            failed_calls=_opt_int(d, "failed_calls", rid) or 0,
+            run=string(d, "run", rid),
+            calls=opt_int(d, "calls", rid) or 0,
+            cached_calls=opt_int(d, "cached_calls", rid) or 0,
+            failed_calls=opt_int(d, "failed_calls", rid) or 0,
             usage=Usage.from_wire(d.get("usage", {}), rid),
-            cost_usd=_opt_float(d, "cost_usd", rid) or 0.0,
-            elapsed_s=_opt_float(d, "elapsed_s", rid) or 0.0,
+            cost_usd=opt_float(d, "cost_usd", rid) or 0.0,
+            elapsed_s=opt_float(d, "elapsed_s", rid) or 0.0,
             limits=RunLimits.from_wire(d.get("limits"), rid),
             closed=bool(d.get("closed", False)),
-            exceeded=_opt_str(d, "exceeded", rid),
-            in_flight=_opt_int(d, "in_flight", rid) or 0,
+            exceeded=opt_string(d, "exceeded", rid),
+            in_flight=opt_int(d, "in_flight", rid) or 0,
         )
 
 
@@ -269,7 +218,7 @@ class CompleteRequest:
     OP: ClassVar[str] = "complete"
 
     def to_wire(self) -> Wire:
-        return _drop_none(
+        return drop_none(
             {
                 "v": PROTOCOL_VERSION,
                 "op": self.OP,
@@ -289,7 +238,7 @@ class CompleteRequest:
         fast = _complete_fast(d, rid)
         if fast is not None:
             return fast
-        model = _str(d, "model", rid)
+        model = string(d, "model", rid)
         raw = d.get("messages")
         if raw is None:
             prompt = d.get("prompt")
@@ -304,16 +253,16 @@ class CompleteRequest:
             messages = tuple(ChatMessage.from_wire(m, rid, i) for i, m in enumerate(raw))
             if not messages:
                 raise DecodeError("field 'messages' must not be empty", request_id=rid)
-        max_tokens = _opt_int(d, "max_tokens", rid, minimum=1)
+        max_tokens = opt_int(d, "max_tokens", rid, minimum=1)
         return cls(
             id=rid,
             model=model,
             messages=messages,
             max_tokens=max_tokens,
-            temperature=_opt_float(d, "temperature", rid),
-            timeout_s=_opt_float(d, "timeout_s", rid),
-            run=_opt_str(d, "run", rid),
-            depth=_opt_int(d, "depth", rid) or 0,
+            temperature=opt_float(d, "temperature", rid),
+            timeout_s=opt_float(d, "timeout_s", rid),
+            run=opt_string(d, "run", rid),
+            depth=opt_int(d, "depth", rid) or 0,
         )
 
 
@@ -445,7 +394,7 @@ class RunOpenRequest:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], rid: str) -> RunOpenRequest:
-        return cls(rid, _str(d, "run", rid), RunLimits.from_wire(d.get("limits"), rid))
+        return cls(rid, string(d, "run", rid), RunLimits.from_wire(d.get("limits"), rid))
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +409,7 @@ class _RunOnly:
 
     @classmethod
     def from_wire(cls: type[T], d: Mapping[str, Any], rid: str) -> T:
-        return cls(rid, _str(d, "run", rid))  # type: ignore[call-arg]
+        return cls(rid, string(d, "run", rid))  # type: ignore[call-arg]
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,16 +468,16 @@ class CompleteReply:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> CompleteReply:
-        rid = _str(d, "id", None)
+        rid = string(d, "id", None)
         return cls(
             id=rid,
-            text=_str(d, "text", rid),
-            model=_str(d, "model", rid),
+            text=string(d, "text", rid),
+            model=string(d, "model", rid),
             usage=Usage.from_wire(d.get("usage", {}), rid),
             cached=bool(d.get("cached", False)),
-            retries=_opt_int(d, "retries", rid) or 0,
-            latency_ms=_opt_float(d, "latency_ms", rid) or 0.0,
-            stop_reason=_opt_str(d, "stop_reason", rid),
+            retries=opt_int(d, "retries", rid) or 0,
+            latency_ms=opt_float(d, "latency_ms", rid) or 0.0,
+            stop_reason=opt_string(d, "stop_reason", rid),
         )
 
 
@@ -547,7 +496,7 @@ class PongReply:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> PongReply:
-        rid = _str(d, "id", None)
+        rid = string(d, "id", None)
         return cls(
             id=rid,
             server=str(d.get("server", "")),
@@ -568,8 +517,8 @@ class StatsReply:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> StatsReply:
-        rid = _str(d, "id", None)
-        stats = _field(d, "stats", (dict,), "a map", rid)
+        rid = string(d, "id", None)
+        stats = required(d, "stats", (dict,), "a map", rid)
         return cls(rid, stats)
 
 
@@ -585,7 +534,7 @@ class RunUsageReply:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> RunUsageReply:
-        rid = _str(d, "id", None)
+        rid = string(d, "id", None)
         return cls(rid, RunUsage.from_wire(d.get("run"), rid))
 
 
@@ -614,8 +563,12 @@ class ErrorReply:
             code=str(error.get("code", ErrorCode.INTERNAL)),
             message=str(error.get("message", "")),
             retryable=bool(error.get("retryable", False)),
-            retry_after_s=_opt_float(error, "retry_after_s", None),
+            retry_after_s=opt_float(error, "retry_after_s", None),
         )
 
 
 Reply = CompleteReply | PongReply | StatsReply | RunUsageReply | ErrorReply
+
+
+# Old private names, kept only until sandbox/_wire.py reads rlmq.protocol.fields (issue 12).
+_drop_none, _field, _opt_str, _str = drop_none, required, opt_string, string

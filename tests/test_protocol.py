@@ -18,6 +18,7 @@ from rlmq.protocol import (
     ErrorReply,
     MessageTooLarge,
     PingRequest,
+    PongReply,
     RemoteError,
     RunCloseRequest,
     RunLimits,
@@ -346,3 +347,74 @@ def test_fast_decode_refuses_what_the_field_readers_refuse(fields: dict[str, Any
         slow_decode(fields)
     assert fast.value.message == slow.value.message
     assert fast.value.request_id == "x"
+
+
+# ---------------------------------------------------------------- errors as structure
+
+
+def test_error_info_round_trips_and_keeps_unknown_codes() -> None:
+    from rlmq.protocol import ErrorInfo, RemoteError
+
+    info = ErrorInfo("budget_exceeded", "no calls left", False)
+    assert ErrorInfo.from_wire(info.to_wire()) == info
+    later = ErrorInfo("rate_limited", "slow down", True, 1.5)
+    assert ErrorInfo.from_wire(later.to_wire()) == later
+    # A code from a newer peer survives every hop verbatim, and still raises a RemoteError.
+    newer = ErrorInfo.from_wire({"code": "quota_gone", "message": "m", "retryable": False})
+    exc = newer.exception()
+    assert isinstance(exc, RemoteError)
+    assert exc.code == ErrorCode.INTERNAL
+    assert exc.raw_code == "quota_gone"
+    assert ErrorInfo.of(exc) == newer
+    assert str(exc) == "quota_gone: m"
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        "budget_exceeded",
+        {"message": "m"},
+        {"code": "", "message": "m"},
+        {"code": "x", "message": 3},
+        {"code": "x", "message": "m", "retryable": "yes"},
+        {"code": "x", "message": "m", "retry_after_s": -1},
+        {"code": "x", "message": "m", "retry_after_s": True},
+    ],
+)
+def test_error_info_refuses_malformed_errors(wire: Any) -> None:
+    from rlmq.protocol import ErrorInfo
+
+    with pytest.raises(DecodeError):
+        ErrorInfo.from_wire(wire)
+
+
+def test_error_info_of_any_exception() -> None:
+    from rlmq.protocol import ConfigError, ErrorInfo, TransportTimeout
+
+    assert ErrorInfo.of(TransportTimeout("no reply")) == ErrorInfo("timeout", "no reply", True)
+    assert ErrorInfo.of(ConfigError("bad key")) == ErrorInfo("bad_request", "bad key", False)
+    # Not ours: internal, with the type named so the receiver can still tell what happened.
+    assert ErrorInfo.of(KeyError("k")) == ErrorInfo("internal", "KeyError: 'k'", False)
+
+
+def test_every_error_code_is_one_registry() -> None:
+    """The sandbox's codes live in ErrorCode too: one enum, one set of wire strings."""
+    import rlmq.protocol.sandbox as sandbox_protocol
+
+    codes = {c.value for c in ErrorCode}
+    assert {"unknown_session", "session_busy", "session_lost", "pool_exhausted", "rlm_failed"} <= codes
+    assert not [name for name in vars(sandbox_protocol) if name.endswith("Code") and name != "ErrorCode"]
+
+
+def test_a_reply_of_the_wrong_kind_is_a_typed_error() -> None:
+    from rlmq.protocol.client import _expect
+
+    with pytest.raises(DecodeError, match="expected a CompleteReply reply, got PongReply"):
+        _expect(PongReply("id-1"), CompleteReply)
+    with pytest.raises(RemoteError) as raised:
+        _expect(ErrorReply("id-2", "rate_limited", "slow", True, 2.0), CompleteReply)
+    assert (raised.value.code, raised.value.retryable, raised.value.retry_after_s) == (
+        "rate_limited",
+        True,
+        2.0,
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import os
 import stat
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from rlmq.lmhandler.config import HandlerConfig, parse_config
+from rlmq.lmhandler.config import parse_config
 from rlmq.lmhandler.server import Handler
 from rlmq.lmhandler.testing import echo_model, ipc_address
 from rlmq.protocol import AsyncHandlerClient
@@ -364,17 +363,6 @@ def test_one_authenticator_per_context(zctx: Ctx) -> None:
 # until then they skip, saying so.
 
 
-def _handler_wired() -> bool:
-    fields = getattr(HandlerConfig, "__dataclass_fields__", {})
-    return "curve" in inspect.signature(Handler).parameters and "also_bind" in fields
-
-
-needs_wiring = pytest.mark.skipif(
-    not _handler_wired(), reason="the handler's CURVE wiring (Handler(curve=...), also_bind) is not in yet"
-)
-
-
-@needs_wiring
 async def test_handler_with_keys_answers_curve_clients_and_ipc(actx: zmq.asyncio.Context) -> None:
     client = generate_keypair()
     keys = _server_keys(client)
@@ -403,7 +391,6 @@ async def test_handler_with_keys_answers_curve_clients_and_ipc(actx: zmq.asyncio
         await handler.stop(grace_s=1.0)
 
 
-@needs_wiring
 def test_handler_command_refuses_tcp_beyond_loopback_without_keys(tmp_path: Path) -> None:
     config = tmp_path / "rlmq.toml"
     config.write_text('[models.echo]\nbackend = "echo"\n')

@@ -1,0 +1,77 @@
+"""The sandbox session protocol, version 1: orchestrator <-> pool (docs/protocol.md, "Sandbox
+session protocol").
+
+    context.py    how a session's ``context`` travels as one blob frame, and is read back
+    messages.py   typed requests, replies and results, and the decoder of requests
+    client.py     ``AsyncSandboxClient`` and ``Session``, the orchestrator's side (sockets)
+
+The client lives in ``protocol``, not in ``sandbox``, because the orchestrator may import only
+``protocol``. Error codes are the one registry, ``rlmq.protocol.errors.ErrorCode``; the field
+readers are ``rlmq.protocol.fields``, shared with the handler protocol.
+"""
+
+from ..errors import ErrorCode
+from .client import AsyncSandboxClient, RlmCallback, SandboxError, Session
+from .context import CONTEXT_FORMATS, ContextFormat, context_shape, decode_context, encode_context
+from .messages import (
+    EXEC_ERROR_CODES,
+    MAX_HEADER_BYTES,
+    SANDBOX_PROTOCOL_VERSION,
+    SANDBOX_REQUEST_TYPES,
+    CloseReply,
+    CloseRequest,
+    ExecError,
+    ExecReply,
+    ExecRequest,
+    ExecResult,
+    OpenReply,
+    OpenRequest,
+    RlmQuery,
+    RlmResult,
+    SandboxPing,
+    SandboxPong,
+    SandboxRequest,
+    SandboxStats,
+    SandboxStatsReply,
+    SessionInfo,
+    decode_sandbox_request,
+    split_delimited,
+)
+
+# The sandbox's codes joined ErrorCode (one registry); this name goes once its users have moved.
+SandboxCode = ErrorCode
+
+__all__ = [
+    "CONTEXT_FORMATS",
+    "EXEC_ERROR_CODES",
+    "MAX_HEADER_BYTES",
+    "SANDBOX_PROTOCOL_VERSION",
+    "SANDBOX_REQUEST_TYPES",
+    "AsyncSandboxClient",
+    "CloseReply",
+    "CloseRequest",
+    "ContextFormat",
+    "ExecError",
+    "ExecReply",
+    "ExecRequest",
+    "ExecResult",
+    "OpenReply",
+    "OpenRequest",
+    "RlmCallback",
+    "RlmQuery",
+    "RlmResult",
+    "SandboxCode",
+    "SandboxError",
+    "SandboxPing",
+    "SandboxPong",
+    "SandboxRequest",
+    "SandboxStats",
+    "SandboxStatsReply",
+    "Session",
+    "SessionInfo",
+    "context_shape",
+    "decode_context",
+    "decode_sandbox_request",
+    "encode_context",
+    "split_delimited",
+]
