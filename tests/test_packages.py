@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -87,6 +88,7 @@ def test_the_checkout_links_each_folder_into_rlmq() -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built from this checkout, the way `pip install .` builds one."""
     out = tmp_path_factory.mktemp("wheel")
+    had_build = (ROOT / "build").exists()
     # --no-build-isolation: build with the setuptools the test extra installed, offline.
     subprocess.run(
         [
@@ -106,6 +108,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
         timeout=120,
     )
+    if not had_build:  # setuptools builds in the checkout; leave it as we found it
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     (found,) = out.glob("rlmq-*.whl")
     return found
 
