@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from rlmq.lmhandler.loadtest import LoadSpec, SpawnedHandler, echo_config, run_load, spawn_handler
+from rlmq.loadtest import LoadSpec, SpawnedHandler, echo_config, run_load, spawn_handler
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -180,7 +180,9 @@ def load(server: Server, **spec: Any) -> dict[str, Any]:
     handler = is_handler(server)
     if not handler:
         spec.setdefault("run", "loadtest-000000-000000")  # same size as the handler's run ids
-    report = run_load(LoadSpec(address=server.address, **spec), handler_stats=handler, open_run=handler)
+    report = run_load(
+        LoadSpec(address=server.address, **spec), env=os.environ, handler_stats=handler, open_run=handler
+    )
     report["server"] = server.name
     return report
 

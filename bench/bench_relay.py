@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 from _common import machine, mean, proc_cpu_s, proc_status_mb, table, write_results
 
-from rlmq.lmhandler.loadtest import SpawnedHandler, read_line, spawn_handler, stop_process
+from rlmq.loadtest import SpawnedHandler, read_line, spawn_handler, stop_process
 from rlmq.protocol import AsyncHandlerClient
 
 LATENCY_S = 1.0

@@ -32,7 +32,7 @@ from _common import (
     write_results,
 )
 
-from rlmq.lmhandler.loadtest import summarize
+from rlmq.loadtest import summarize
 from rlmq.protocol import HandlerClient
 
 DRIVER = BENCH / "rlms_driver.py"

@@ -1,3 +1,4 @@
-"""The ``rlmq`` command: a thin entry point that imports a service only when its subcommand runs."""
+"""rlmq, the one installed name: rlmq.protocol, rlmq.lmhandler, rlmq.sandbox, rlmq.orchestrator and
+the tools (rlmq.loadtest, rlmq.fakeprovider) live under it; `rlmq.cli` is the command."""
 
 __all__: list[str] = []

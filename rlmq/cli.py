@@ -18,12 +18,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "handler": ("rlmq.lmhandler.cli", "run the LM handler (relays every model call; holds the API keys)"),
     "sandbox": ("rlmq.sandbox.cli", "run a sandbox pool (executes model-written code in isolated workers)"),
     "loadtest": (
-        "rlmq.lmhandler.loadtest",
+        "rlmq.loadtest.cli",
         "drive a handler with load and report throughput, latency and errors",
     ),
     "keys": ("rlmq.protocol.security", "make CURVE keys for handlers and pools listening on TCP"),
     "fake-provider": (
-        "rlmq.lmhandler.fakeprovider",
+        "rlmq.fakeprovider.cli",
         "serve the Anthropic and OpenAI HTTP APIs locally, with fault injection, for tests and load tests",
     ),
 }

@@ -12,10 +12,10 @@ from typing import Any
 import httpx2
 import pytest
 
+from rlmq.fakeprovider import FakeProvider, FakeProviderConfig, Forced
 from rlmq.lmhandler.backends.anthropic import AnthropicBackend
 from rlmq.lmhandler.backends.base import BackendError, BackendRequest
 from rlmq.lmhandler.config import ModelConfig
-from rlmq.lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
 from rlmq.protocol import ChatMessage, ErrorCode
 
 EPHEMERAL = {"type": "ephemeral"}

@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
+from rlmq.fakeprovider import FakeProvider, FakeProviderConfig, Forced
 from rlmq.lmhandler.backends import _http
 from rlmq.lmhandler.backends.base import BackendError, BackendRequest
 from rlmq.lmhandler.backends.openai import OpenAIBackend
 from rlmq.lmhandler.config import ModelConfig
-from rlmq.lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
 from rlmq.protocol import ChatMessage, ErrorCode
 
 KEY = "sk-test-0123456789abcdef"

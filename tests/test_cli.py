@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import sys
 from pathlib import Path
 
 import msgpack
+import pytest
 import zmq
 
+from rlmq.cli import SUBCOMMANDS, build_parser
 from rlmq.protocol import pack
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -88,3 +91,30 @@ def test_help_explains_the_commands() -> None:
     )
     assert done.returncode == 0
     assert "handler" in done.stdout
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_every_subcommand_module_adds_its_arguments(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each entry of the table names a module with ``add_arguments`` (and ``main``)."""
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    assert callable(module.main)
+    with pytest.raises(SystemExit) as exited:
+        build_parser(command).parse_args([command, "--help"])
+    assert exited.value.code == 0
+    assert f"usage: rlmq {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [
+        ("loadtest", ["--connect", "--spawn", "--requests", "--rate", "--provider", "--json"]),
+        ("fake-provider", ["--port", "--api-key", "--latency-s", "--rate-limit-fraction", "--seed"]),
+    ],
+)
+def test_the_tools_keep_their_flags(command: str, flags: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "rlmq", command, "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    for flag in flags:
+        assert flag in done.stdout

@@ -1,18 +1,28 @@
-"""The fake provider speaks both APIs over real HTTP, checks keys, and injects faults on demand."""
+"""The fake provider (``rlmq.fakeprovider``) speaks both APIs over real HTTP, checks keys, and
+injects faults on demand. Nothing here measures time: waits are seen through the ``sleep`` seam."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from rlmq.lmhandler.fakeprovider import FakeProvider, FakeProviderConfig, Forced
+from rlmq.fakeprovider import (
+    FakeProvider,
+    FakeProviderConfig,
+    FakeProviderError,
+    Forced,
+    NotStarted,
+    UnknownOutcome,
+)
+from rlmq.protocol import RlmqError
 
 ANTHROPIC_HEADERS = {"x-api-key": "k", "anthropic-version": "2026-10-21"}
 OPENAI_HEADERS = {"authorization": "Bearer k"}
@@ -29,6 +39,20 @@ def anthropic_body(text: str = "hello", **extra: Any) -> dict[str, Any]:
 
 def openai_body(text: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-x", "messages": [{"role": "user", "content": text}], **extra}
+
+
+class Held:
+    """A ``sleep`` for the fake provider that records what it was asked and waits for the test."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        self.entered.set()
+        await self.release.wait()
 
 
 @pytest.fixture
@@ -287,16 +311,30 @@ async def test_forced_malformed_reset_timeout(fp: FakeProvider, client: httpx.As
         r.json()
     with pytest.raises(httpx.RemoteProtocolError):
         await client.post("/v1/messages", json=anthropic_body(), headers=ANTHROPIC_HEADERS)
-    started = time.monotonic()
+    # The stall outlasts any client: this one gives up after its own timeout.
     with pytest.raises(httpx.ReadTimeout):
         await client.post("/v1/chat/completions", json=openai_body(), headers=OPENAI_HEADERS, timeout=0.2)
-    assert time.monotonic() - started < 2
     assert fp.counters.by_status == {"200": 1, "reset": 1, "timeout": 1}
 
 
+async def test_forced_timeout_stalls_for_timeout_sleep_s_and_close_ends_it() -> None:
+    held = Held()
+    config = FakeProviderConfig(timeout_sleep_s=123.0)
+    async with FakeProvider(config, sleep=held.sleep) as fp, httpx.AsyncClient(base_url=fp.base_url) as c:
+        fp.force(["timeout"])
+        request = asyncio.create_task(c.post("/v1/chat/completions", json=openai_body()))
+        await held.entered.wait()
+        assert held.asked == [123.0]
+        assert fp.counters.by_status == {"timeout": 1}
+        held.release.set()  # the stall ends: the connection is dropped, never answered
+        with pytest.raises(httpx.RemoteProtocolError):
+            await request
+
+
 async def test_force_rejects_unknown_names(fp: FakeProvider) -> None:
-    with pytest.raises(ValueError, match="unknown forced outcome"):
+    with pytest.raises(UnknownOutcome, match="unknown forced outcome") as caught:
         fp.force(["explode"])
+    assert isinstance(caught.value, ValueError)  # a bad argument, as before the error tree
 
 
 @pytest.mark.parametrize(
@@ -361,13 +399,32 @@ async def test_max_rps_limits_each_second() -> None:
         assert (await post()).status_code == 200
 
 
-async def test_latency() -> None:
+@pytest.mark.parametrize("forced", [None, "ok"])
+async def test_latency_holds_the_reply(forced: str | None) -> None:
+    held = Held()
     config = FakeProviderConfig(latency_s=0.2)
-    async with FakeProvider(config) as fp, httpx.AsyncClient(base_url=fp.base_url) as c:
-        started = time.monotonic()
-        r = await c.post("/v1/chat/completions", json=openai_body())
+    async with FakeProvider(config, sleep=held.sleep) as fp, httpx.AsyncClient(base_url=fp.base_url) as c:
+        if forced is not None:
+            fp.force([forced])
+        request = asyncio.create_task(c.post("/v1/chat/completions", json=openai_body("late")))
+        await held.entered.wait()
+        assert held.asked == [0.2]
+        # Inside the latency wait: the request is in, and nothing has been answered yet.
+        assert fp.counters.served == 1
+        assert fp.counters.by_status == {}
+        assert not request.done()
+        held.release.set()
+        r = await request
         assert r.status_code == 200
-        assert time.monotonic() - started >= 0.2
+        assert r.json()["choices"][0]["message"]["content"] == "late"
+        assert fp.counters.by_status == {"200": 1}
+
+
+async def test_no_latency_no_wait() -> None:
+    held = Held()
+    async with FakeProvider(sleep=held.sleep) as fp, httpx.AsyncClient(base_url=fp.base_url) as c:
+        assert (await c.post("/v1/chat/completions", json=openai_body())).status_code == 200
+    assert held.asked == []
 
 
 # -- counters and records ------------------------------------------------------------------------
@@ -398,15 +455,29 @@ async def test_counters_stats_and_records() -> None:
 
 async def test_base_url_needs_a_started_server() -> None:
     fp = FakeProvider()
-    with pytest.raises(RuntimeError, match="not started"):
+    with pytest.raises(NotStarted, match="not started") as caught:
         _ = fp.base_url
+    assert isinstance(caught.value, RuntimeError)
     await fp.close()  # closing an unstarted server is harmless
 
 
+def test_errors_are_in_the_rlmq_tree() -> None:
+    assert issubclass(FakeProviderError, RlmqError)
+    assert issubclass(UnknownOutcome, FakeProviderError)
+    assert issubclass(NotStarted, FakeProviderError)
+
+
+def test_no_module_reads_the_environment() -> None:
+    package = Path(__file__).resolve().parent.parent / "rlmq" / "fakeprovider"
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            assert not (isinstance(node, ast.Attribute) and node.attr in {"environ", "getenv"}), path.name
+
+
 @pytest.mark.slow
-async def test_run_serves_until_sigterm() -> None:
-    code = "from lmhandler.fakeprovider import run; run('127.0.0.1', 0)"
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+async def test_command_serves_until_sigterm() -> None:
+    argv = [sys.executable, "-m", "rlmq", "fake-provider", "--port", "0"]
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()

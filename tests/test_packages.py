@@ -24,10 +24,14 @@ FOLDERS = ("protocol", *SERVICES)
 CODE_TREES = (*FOLDERS, "rlmq", "tests", "bench", "deploy")
 
 
+TOOLS = ("loadtest", "fakeprovider")
+
+
 def python_files(tree: str) -> list[Path]:
     # rlmq/ links the four folders in; walk only its own files so nothing is read twice.
     if tree == "rlmq":
-        return sorted((ROOT / "rlmq").glob("*.py"))
+        own = [p for p in (ROOT / "rlmq").iterdir() if not p.is_symlink()]
+        return sorted(f for p in own for f in ([p] if p.is_file() else p.rglob("*")) if f.suffix == ".py")
     return sorted((ROOT / tree).rglob("*.py"))
 
 
@@ -43,11 +47,11 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def rlmq_package(module: str) -> str | None:
-    """``rlmq.sandbox.pool`` -> ``sandbox``; None for a module outside the four packages."""
+    """``rlmq.sandbox.pool`` -> ``sandbox``; ``rlmq`` itself -> ``rlmq``; None outside rlmq."""
     parts = module.split(".")
-    if len(parts) >= 2 and parts[0] == "rlmq" and parts[1] in FOLDERS:
-        return parts[1]
-    return None
+    if parts[0] != "rlmq":
+        return None
+    return parts[1] if len(parts) >= 2 else "rlmq"
 
 
 @pytest.mark.parametrize("tree", CODE_TREES)
@@ -60,14 +64,32 @@ def test_nothing_imports_a_bare_service_name(tree: str) -> None:
 
 @pytest.mark.parametrize("package", FOLDERS)
 def test_services_import_only_protocol(package: str) -> None:
-    allowed = {package} if package == "protocol" else {package, "protocol"}
+    """Nor the tools (loadtest, fakeprovider) or the command module: only the shared vocabulary."""
+    # The bare root `rlmq` is allowed: it holds nothing but the version (a worker uses its path).
+    allowed = {package, "rlmq"} if package == "protocol" else {package, "protocol", "rlmq"}
     for path in python_files(package):
         used = {rlmq_package(m) for m in imported_modules(path)} - {None}
         assert used <= allowed, f"{path.relative_to(ROOT)} imports rlmq.{sorted(used - allowed)}"
 
 
+def test_the_rules_see_the_tools() -> None:
+    """The walk of rlmq/ reaches the tools' packages, so their imports are checked too."""
+    names = {p.relative_to(ROOT).parts[1] for p in python_files("rlmq")}
+    assert {f"{tool}" for tool in TOOLS} <= names
+
+
 @pytest.mark.parametrize(
-    "package", ["rlmq.protocol", "rlmq.lmhandler", "rlmq.lmhandler.backends", "rlmq.orchestrator"]
+    "package",
+    [
+        "rlmq.protocol",
+        "rlmq.protocol.sandbox",
+        "rlmq.lmhandler",
+        "rlmq.lmhandler.backends",
+        "rlmq.sandbox",
+        "rlmq.orchestrator",
+        "rlmq.loadtest",
+        "rlmq.fakeprovider",
+    ],
 )
 def test_all_names_exist_once(package: str) -> None:
     module = importlib.import_module(package)
