@@ -105,12 +105,11 @@ async def rlmq_bench(rounds: int, batch_rounds: int) -> dict[str, Any]:
                     hc,
                     sc,
                     RunSettings(max_iterations=ITERATIONS + 2, exec_timeout_s=60),
-                    trajectory=Trajectory(None),
                     on_event=on_event,
                 )
                 await pool.wait_ready()  # a warm worker waiting, as in a steady state
                 t0 = time.perf_counter()
-                result = await rlm.run("Q?", context, run_id=run_id)
+                result = await rlm.run("Q?", context, run_id=run_id, trajectory=Trajectory(None))
                 wall = time.perf_counter() - t0
                 assert (result.answer, result.stop_reason, result.iterations) == (
                     "done",

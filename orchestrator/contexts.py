@@ -7,13 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlmq.protocol import RlmqError
+from .errors import ContextError
 
 __all__ = ["ContextError", "load_context"]
-
-
-class ContextError(RlmqError):
-    """A --context that cannot be read."""
 
 
 def load_context(spec: str) -> Any:

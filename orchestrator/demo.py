@@ -19,9 +19,10 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from .local import ServiceError, local_services
+from .errors import ServiceError
+from .local import local_services
 from .loop import new_run_id
-from .run_cli import run_query
+from .runner import run_query
 from .settings import RunSettings
 from .trajectory import Trajectory
 
@@ -153,6 +154,7 @@ async def _demo(args: argparse.Namespace, out: Path) -> int:
                 settings=RunSettings(max_iterations=10),
                 trajectory=trajectory,
                 run_id=run_id,
+                curve=None,  # private services on ipc:// sockets: CURVE is for TCP only
             )
     finally:
         trajectory.close()

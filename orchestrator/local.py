@@ -19,17 +19,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlmq.protocol import RlmqError
+from .errors import ServiceError
 
 __all__ = ["LocalServices", "ServiceError", "local_services"]
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
-
-
-class ServiceError(RlmqError):
-    """A local service that did not start."""
 
 
 @dataclass

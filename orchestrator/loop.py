@@ -1,13 +1,18 @@
 """The RLM loop: explore, decompose, aggregate, terminate.
 
-Each iteration sends the history to the ``root`` model through the handler, runs the response's
-```repl blocks in the session in order, and feeds their output back. The run ends when code calls
-FINAL/FINAL_VAR, when a response without code says FINAL(...)/FINAL_VAR(...), or when a limit
-stops it (iterations, depth, wall time, or the handler's run budget), always with the best
-answer available and the reason.
+Each iteration sends the history to the ``root`` model, runs the response's ```repl blocks in the
+session in order, and feeds their output back. The run ends when code calls FINAL/FINAL_VAR, when
+a response without code says FINAL(...)/FINAL_VAR(...), or when a limit stops it (iterations,
+depth, wall time, or the handler's run budget), always with the best answer available and the
+reason (``StopReason``).
 
-Recursion: ``rlm_query`` in a worker comes back here through the sandbox client, and runs a child
-loop at depth + 1 with its own session, under the same run id (so the same budget).
+``RLM`` holds what runs share (the model client, the sandbox, the settings) and may run many
+queries at once; everything that belongs to one run (its counters, clock, trajectory, usage) lives
+in a ``_Run`` made by each ``run()`` call, and everything of one depth (session, history,
+iteration, fallback answer) in a ``_Level``.
+
+Recursion: ``rlm_query`` in a session's code comes back here through the sandbox, and runs a
+child loop at depth + 1 with its own session, under the same run id (so the same budget).
 """
 
 from __future__ import annotations
@@ -17,18 +22,30 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
-from rlmq.protocol import AsyncHandlerClient, ChatMessage, ErrorCode, RemoteError, RlmqError, RunUsage
-from rlmq.protocol.sandbox import AsyncSandboxClient, ExecResult, Session
+from rlmq.protocol import ChatMessage, ErrorCode, ErrorInfo, RlmqError, RunUsage
+from rlmq.protocol.sandbox import ExecResult
 
+from .errors import ChildRunFailed
 from .history import History
+from .interfaces import ModelClient, RlmCallback, Sandbox, SandboxSession
 from .parsing import extract_code_blocks, find_final
 from .prompts import describe_context, system_prompt
 from .settings import RunSettings
 from .trajectory import Trajectory
 
-__all__ = ["RLM", "RunResult", "format_observation", "new_run_id"]
+__all__ = [
+    "LAST_CALL",
+    "NO_CODE_NUDGE",
+    "RLM",
+    "RunCounters",
+    "RunResult",
+    "StopReason",
+    "format_observation",
+    "new_run_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +58,20 @@ LAST_CALL = (
     "FINAL_VAR(variable_name), and no code."
 )
 
-# Why a run stopped.
-FINAL = "final"
-MAX_ITERATIONS = "max_iterations"
-BUDGET = "budget_exceeded"
-WALL_TIME = "wall_time"
-ERROR = "error"
+
+class StopReason(StrEnum):
+    """Why a run (or one depth of it) stopped. The values are what JSON output and trajectories show."""
+
+    FINAL = "final"
+    MAX_ITERATIONS = "max_iterations"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    WALL_TIME = "wall_time"
+    ERROR = "error"
+
+    @property
+    def answered(self) -> bool:
+        """The model gave the answer: by FINAL, or when asked for it at the iteration limit."""
+        return self in (StopReason.FINAL, StopReason.MAX_ITERATIONS)
 
 
 def new_run_id() -> str:
@@ -56,24 +81,50 @@ def new_run_id() -> str:
 @dataclass(frozen=True, slots=True)
 class RunResult:
     answer: str
-    stop_reason: str  # final | max_iterations | budget_exceeded | wall_time | error
+    stop_reason: StopReason
     iterations: int
     run_id: str
     elapsed_s: float
     usage: RunUsage | None = None
-    detail: str = ""  # which limit, or the error
+    detail: str = ""  # which limit, or the error, for people
     depth: int = 0
+    error: ErrorInfo | None = None  # the error that stopped the run, as it arrived
 
     @property
     def ok(self) -> bool:
-        return self.stop_reason in (FINAL, MAX_ITERATIONS)
+        return self.stop_reason.answered
 
 
-class _Stop(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+@dataclass(slots=True)
+class RunCounters:
+    """Live counts of one run, for progress displays."""
+
+    iterations: int = 0  # of the root loop (depth 0)
+    model_calls: int = 0  # root-model calls answered, at every depth (the rest are sub-calls)
+    asking: int = 0  # root-model calls in flight
+    sub_calls: int = 0  # llm_query/rlm_query calls made by the run's code, as sessions count them
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How the loop at one depth ended."""
+
+    answer: str
+    reason: StopReason
+    detail: str
+    iterations: int
+    error: ErrorInfo | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Level:
+    """The loop at one depth: its session, history, iteration, and fallback answer."""
+
+    depth: int
+    session: SandboxSession
+    history: History
+    iteration: int = 0
+    best: str = ""  # a prose FINAL we had to ignore: the answer if a limit stops this depth
 
 
 def format_observation(index: int, count: int, code: str, result: ExecResult) -> str:
@@ -96,116 +147,283 @@ def format_observation(index: int, count: int, code: str, result: ExecResult) ->
     return "\n".join(parts)
 
 
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
 class RLM:
-    """Runs queries against one handler and one sandbox pool. Reusable; runs may overlap."""
+    """Runs queries against one model client and one sandbox. Reusable; runs may overlap.
+
+    ``models`` is any ``ModelClient`` (``AsyncHandlerClient``, or ``testing.ScriptedModelClient``),
+    ``sandbox`` any ``Sandbox`` (``AsyncSandboxClient``, or ``testing.InMemorySandbox``).
+    ``on_event`` sees every trajectory event of every run; ``clock`` measures wall time.
+    """
 
     def __init__(
         self,
-        handler: AsyncHandlerClient,
-        sandbox: AsyncSandboxClient,
+        models: ModelClient,
+        sandbox: Sandbox,
         settings: RunSettings,
         *,
-        trajectory: Trajectory | None = None,
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        on_event: EventSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.handler = handler
+        self.models = models
         self.sandbox = sandbox
         self.settings = settings
-        self.trajectory = trajectory or Trajectory(None)
         self.on_event = on_event
-        self.sub_calls = 0
-        self.iterations = 0
-        self.model_calls = 0  # root-model calls at every depth (the rest of a run's calls are sub-calls)
-        self.asking = 0  # root-model calls in flight
+        self.clock = clock
+        self._active: dict[str, _Run] = {}
 
-    def _event(self, name: str, /, **fields: Any) -> None:
+    async def run(
+        self, query: str, context: Any, *, run_id: str | None = None, trajectory: Trajectory | None = None
+    ) -> RunResult:
+        """One whole run: registered with the model client, traced, and closed whatever happens.
+
+        ``trajectory`` receives this run's events (default: one kept in memory only)."""
+        run = _Run(self, run_id or new_run_id(), trajectory or Trajectory(None))
+        if run.id in self._active:
+            raise ValueError(f"run {run.id!r} is already running on this RLM")
+        self._active[run.id] = run
+        try:
+            return await run.execute(query, context)
+        finally:
+            del self._active[run.id]
+
+    def counters(self, run_id: str) -> RunCounters | None:
+        """The live counters of a run in progress (None once it ended, or if unknown)."""
+        run = self._active.get(run_id)
+        return None if run is None else run.counters
+
+
+class _Run:
+    """One run: its id, clock, counters, trajectory and usage. Made by each ``RLM.run`` call."""
+
+    def __init__(self, rlm: RLM, run_id: str, trajectory: Trajectory) -> None:
+        self.id = run_id
+        self.models = rlm.models
+        self.sandbox = rlm.sandbox
+        self.settings = rlm.settings
+        self.clock = rlm.clock
+        self.on_event = rlm.on_event
+        self.trajectory = trajectory
+        self.counters = RunCounters()
+        self.started = self.clock()
+        wall = self.settings.wall_time_s
+        self.deadline = None if wall is None else self.started + wall
+        self.usage: RunUsage | None = None
+
+    def event(self, name: str, /, **fields: Any) -> None:
         self.trajectory.write(name, **fields)
         if self.on_event is not None:
             self.on_event(name, fields)
 
-    async def run(self, query: str, context: Any, *, run_id: str | None = None) -> RunResult:
-        """One whole run: registered with the handler, traced, and closed whatever happens."""
-        run_id = run_id or new_run_id()
-        started = time.monotonic()
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and self.clock() >= self.deadline
+
+    async def execute(self, query: str, context: Any) -> RunResult:
         s = self.settings
-        self._event(
+        self.event(
             "run_start",
-            run=run_id,
+            run=self.id,
             query=query,
             context=describe_context(context),
             settings={k: getattr(s, k) for k in s.__dataclass_fields__},
         )
-        usage: RunUsage | None = None
-        answer, reason, detail, iterations = "", ERROR, "", 0
+        outcome = _Outcome("", StopReason.ERROR, "", 0)
         try:
-            await self.handler.run_open(run_id, s.limits())
-            answer, reason, detail, iterations = await self._loop(query, context, 0, run_id, started)
-        except RlmqError as exc:
-            detail, iterations = exc.message, self.iterations
+            await self.models.run_open(self.id, s.limits())
+            outcome = await self.depth(query, context, 0)
+        except RlmqError as exc:  # the run could not start
+            outcome = self.stopped_by(exc, "", self.counters.iterations)
         except BaseException as exc:  # cancelled, interrupted, or a bug: still leave a whole trajectory
-            detail, iterations = f"{type(exc).__name__}: {exc}", self.iterations
+            outcome = _Outcome("", StopReason.ERROR, f"{type(exc).__name__}: {exc}", self.counters.iterations)
             raise
         finally:
             try:
-                usage = await self.handler.run_close(run_id)
+                self.usage = await self.models.run_close(self.id)
             except RlmqError as exc:
-                log.warning("could not close run %s with the handler: %s", run_id, exc.message)
-            elapsed = time.monotonic() - started
-            self._event(
+                log.warning("could not close run %s: %s", self.id, ErrorInfo.of(exc))
+            elapsed = round(self.clock() - self.started, 3)
+            self.event(
                 "run_end",
-                run=run_id,
-                stop_reason=reason,
-                detail=detail,
-                answer=answer,
-                iterations=iterations,
-                elapsed_s=round(elapsed, 3),
-                usage=usage.to_wire() if usage else None,
+                run=self.id,
+                stop_reason=outcome.reason,
+                detail=outcome.detail,
+                answer=outcome.answer,
+                iterations=outcome.iterations,
+                elapsed_s=elapsed,
+                usage=self.usage.to_wire() if self.usage else None,
+                error=None if outcome.error is None else outcome.error.to_wire(),
             )
-        return RunResult(answer, reason, iterations, run_id, round(elapsed, 3), usage, detail)
+        return RunResult(
+            outcome.answer,
+            outcome.reason,
+            outcome.iterations,
+            self.id,
+            elapsed,
+            self.usage,
+            outcome.detail,
+            error=outcome.error,
+        )
+
+    def stopped_by(self, exc: RlmqError, best: str, iterations: int) -> _Outcome:
+        """The outcome of an error from the model client or the sandbox, its ErrorInfo kept whole."""
+        info = ErrorInfo.of(exc)
+        if info.code == ErrorCode.BUDGET_EXCEEDED:
+            return _Outcome(best, StopReason.BUDGET_EXCEEDED, info.message, iterations, info)
+        if info.code == ErrorCode.TIMEOUT and self.past_deadline():
+            return _Outcome(best, StopReason.WALL_TIME, info.message, iterations, info)
+        return _Outcome(best, StopReason.ERROR, f"{info.code}: {info.message}", iterations, info)
 
     # ------------------------------------------------------------------ one depth
 
-    async def _open_session(self, context: Any, depth: int, run_id: str, started: float) -> Session:
+    async def depth(self, query: str, context: Any, depth: int) -> _Outcome:
+        """Run the loop at one depth, in its own session."""
+        try:
+            session = await self.open_session(context, depth)
+        except RlmqError as exc:
+            return self.finish(depth, self.stopped_by(exc, "", 0))
+        if depth > 0:
+            self.event("child_start", depth=depth, query=query, context=describe_context(context))
         s = self.settings
+        prompt = system_prompt(
+            context,
+            depth=depth,
+            max_depth=s.max_depth,
+            max_output_chars=s.max_output_chars,
+            sub_model=s.sub_model,
+        )
+        level = _Level(depth, session, History(prompt, f"Question: {query}"))
+        try:
+            return self.finish(depth, await self.iterate(level))
+        except RlmqError as exc:
+            return self.finish(depth, self.stopped_by(exc, level.best, level.iteration))
+        finally:
+            try:
+                await session.close()
+            except RlmqError as exc:  # the outcome stands; the pool reaps what it cannot close
+                log.warning("could not close a session of run %s: %s", self.id, ErrorInfo.of(exc))
 
-        async def child(prompt: str, child_context: Any) -> str:
-            answer, reason, detail, _ = await self._loop(
-                prompt, prompt if child_context is None else child_context, depth + 1, run_id, started
-            )
-            if reason not in (FINAL, MAX_ITERATIONS):
-                raise RuntimeError(f"the recursive run stopped: {reason} ({detail})")
-            return answer
-
+    async def open_session(self, context: Any, depth: int) -> SandboxSession:
+        s = self.settings
         return await self.sandbox.open(
-            run=run_id,
+            run=self.id,
             context=context,
             depth=depth,
             max_depth=s.max_depth,
             sub_model=s.sub_model,
             exec_timeout_s=s.exec_timeout_s,
             max_output_chars=s.max_output_chars,
-            on_rlm_query=child if depth + 1 < s.max_depth else None,
+            on_rlm_query=self.child_runner(depth),
         )
 
-    async def _ask(
-        self, messages: list[ChatMessage], depth: int, run_id: str, iteration: int, purpose: str
-    ) -> str:
+    def child_runner(self, depth: int) -> RlmCallback | None:
+        """What answers ``rlm_query`` at this depth: a child loop at depth + 1, if allowed."""
+        if depth + 1 >= self.settings.max_depth:
+            return None
+
+        async def child(prompt: str, child_context: Any) -> str:
+            outcome = await self.depth(prompt, prompt if child_context is None else child_context, depth + 1)
+            if not outcome.reason.answered:
+                raise ChildRunFailed(outcome.reason, outcome.detail, cause=outcome.error)
+            return outcome.answer
+
+        return child
+
+    def finish(self, depth: int, outcome: _Outcome) -> _Outcome:
+        self.event(
+            "final",
+            depth=depth,
+            answer=outcome.answer,
+            stop_reason=outcome.reason,
+            detail=outcome.detail,
+            iterations=outcome.iterations,
+            error=None if outcome.error is None else outcome.error.to_wire(),
+        )
+        return outcome
+
+    async def iterate(self, level: _Level) -> _Outcome:
         s = self.settings
-        self.asking += 1
+        for iteration in range(1, s.max_iterations + 1):
+            level.iteration = iteration
+            if level.depth == 0:
+                self.counters.iterations = iteration
+            if self.past_deadline():
+                detail = f"wall time of {s.wall_time_s:g} s reached"
+                return _Outcome(level.best, StopReason.WALL_TIME, detail, iteration)
+            await self.compact(level)
+            response = await self.ask(level.history.messages(), level.depth, iteration, "iteration")
+            level.history.add_response(response)
+            answer, observation = await self.act(level, response)
+            if answer is not None:
+                return _Outcome(answer, StopReason.FINAL, "", iteration)
+            prose = find_final(response)
+            if prose is not None and extract_code_blocks(response):
+                level.best = prose.answer or level.best
+                self.event(
+                    "final_ignored", depth=level.depth, iteration=iteration, final=prose.answer or prose.var
+                )
+            level.history.add_observation(observation)
+        return await self.last_call(level)
+
+    async def last_call(self, level: _Level) -> _Outcome:
+        """Out of iterations: one last request for an answer, without code."""
+        s = self.settings
+        asked = level.iteration + 1
+        messages = level.history.messages(extra_user=LAST_CALL.format(n=s.max_iterations))
+        response = await self.ask(messages, level.depth, asked, "last_call")
+        prose = find_final(response)
+        answer = None
+        if prose is not None and prose.var is not None:
+            answer = await self.final_var(level, prose.var, asked)
+        elif prose is not None:
+            answer = prose.answer
+        if answer is None:
+            answer = response.strip() or level.best
+        detail = f"stopped after {s.max_iterations} iterations"
+        return _Outcome(answer, StopReason.MAX_ITERATIONS, detail, level.iteration)
+
+    async def compact(self, level: _Level) -> None:
+        s = self.settings
+
+        async def summarise(messages: list[ChatMessage]) -> str:
+            return await self.ask(messages, level.depth, level.iteration, "compaction")
+
+        compaction = await level.history.compact_if_needed(
+            max_chars=s.history_max_chars,
+            keep_last_turns=s.keep_last_turns,
+            mode=s.compaction,
+            summarise=summarise,
+        )
+        if compaction is not None:
+            self.event(
+                "compaction",
+                depth=level.depth,
+                iteration=level.iteration,
+                mode=s.compaction,
+                dropped_turns=compaction.dropped_turns,
+                chars_before=compaction.chars_before,
+                chars_after=compaction.chars_after,
+                summary=compaction.summary,
+            )
+
+    async def ask(self, messages: list[ChatMessage], depth: int, iteration: int, purpose: str) -> str:
+        s = self.settings
+        self.counters.asking += 1
         try:
-            reply = await self.handler.complete(
+            reply = await self.models.complete(
                 messages,
                 model=s.root_model,
                 max_tokens=s.max_tokens,
                 temperature=s.temperature,
                 timeout_s=s.model_timeout_s,
-                run=run_id,
+                run=self.id,
                 depth=depth,
             )
         finally:
-            self.asking -= 1
-        self.model_calls += 1
-        self._event(
+            self.counters.asking -= 1
+        self.counters.model_calls += 1
+        self.event(
             "model_call",
             depth=depth,
             iteration=iteration,
@@ -218,110 +436,7 @@ class RLM:
         )
         return reply.text
 
-    async def _loop(
-        self, query: str, context: Any, depth: int, run_id: str, started: float
-    ) -> tuple[str, str, str, int]:
-        """Run the loop at one depth: (answer, stop reason, detail, iterations)."""
-        s = self.settings
-        session = await self._open_session(context, depth, run_id, started)
-        if depth > 0:
-            self._event("child_start", depth=depth, query=query, context=describe_context(context))
-        best = ""  # a prose FINAL we had to ignore is the best fallback answer
-        iteration = 0
-        try:
-            history = History(
-                system_prompt(
-                    context,
-                    depth=depth,
-                    max_depth=s.max_depth,
-                    max_output_chars=s.max_output_chars,
-                    sub_model=s.sub_model,
-                ),
-                f"Question: {query}",
-            )
-
-            async def summarise(messages: list[ChatMessage]) -> str:
-                return await self._ask(messages, depth, run_id, iteration, "compaction")
-
-            try:
-                for iteration in range(1, s.max_iterations + 1):
-                    if depth == 0:
-                        self.iterations = iteration
-                    self._check_wall_time(started)
-                    compaction = await history.compact_if_needed(
-                        max_chars=s.history_max_chars,
-                        keep_last_turns=s.keep_last_turns,
-                        mode=s.compaction,
-                        summarise=summarise,
-                    )
-                    if compaction is not None:
-                        self._event(
-                            "compaction",
-                            depth=depth,
-                            iteration=iteration,
-                            mode=s.compaction,
-                            dropped_turns=compaction.dropped_turns,
-                            chars_before=compaction.chars_before,
-                            chars_after=compaction.chars_after,
-                            summary=compaction.summary,
-                        )
-                    response = await self._ask(history.messages(), depth, run_id, iteration, "iteration")
-                    history.add_response(response)
-                    answer, observation = await self._act(session, response, depth, iteration)
-                    if answer is not None:
-                        return self._finish(answer, FINAL, "", depth, iteration)
-                    prose = find_final(response)
-                    if prose is not None and extract_code_blocks(response):
-                        best = prose.answer or best
-                        self._event(
-                            "final_ignored", depth=depth, iteration=iteration, final=prose.answer or prose.var
-                        )
-                    history.add_observation(observation)
-
-                # Out of iterations: one last request for an answer, without code.
-                history_msgs = history.messages(extra_user=LAST_CALL.format(n=s.max_iterations))
-                response = await self._ask(history_msgs, depth, run_id, iteration + 1, "last_call")
-                prose = find_final(response)
-                answer = None
-                if prose is not None and prose.var is not None:
-                    answer = await self._final_var(session, prose.var, depth, iteration + 1)
-                elif prose is not None:
-                    answer = prose.answer
-                if answer is None:
-                    answer = response.strip() or best
-                return self._finish(
-                    answer, MAX_ITERATIONS, f"stopped after {s.max_iterations} iterations", depth, iteration
-                )
-            except _Stop as stop:
-                return self._finish(best, stop.reason, stop.detail, depth, iteration)
-            except RemoteError as exc:
-                if exc.code == ErrorCode.BUDGET_EXCEEDED:
-                    return self._finish(best, BUDGET, exc.message, depth, iteration)
-                if exc.code == ErrorCode.TIMEOUT and self._past_deadline(started):
-                    return self._finish(best, WALL_TIME, exc.message, depth, iteration)
-                return self._finish(best, ERROR, f"{exc.raw_code}: {exc.message}", depth, iteration)
-        finally:
-            await session.close()
-
-    def _finish(
-        self, answer: str, reason: str, detail: str, depth: int, iterations: int
-    ) -> tuple[str, str, str, int]:
-        self._event(
-            "final", depth=depth, answer=answer, stop_reason=reason, detail=detail, iterations=iterations
-        )
-        return answer, reason, detail, iterations
-
-    def _past_deadline(self, started: float) -> bool:
-        wall = self.settings.wall_time_s
-        return wall is not None and time.monotonic() - started >= wall
-
-    def _check_wall_time(self, started: float) -> None:
-        if self._past_deadline(started):
-            raise _Stop(WALL_TIME, f"wall time of {self.settings.wall_time_s:g} s reached")
-
-    async def _act(
-        self, session: Session, response: str, depth: int, iteration: int
-    ) -> tuple[str | None, str]:
+    async def act(self, level: _Level, response: str) -> tuple[str | None, str]:
         """Run the response's code, or take its prose FINAL: (final answer or None, observation)."""
         blocks = extract_code_blocks(response)
         if not blocks:
@@ -329,7 +444,7 @@ class RLM:
             if prose is None:
                 return None, NO_CODE_NUDGE
             if prose.var is not None:
-                value = await self._final_var(session, prose.var, depth, iteration)
+                value = await self.final_var(level, prose.var, level.iteration)
                 if value is None:
                     return None, (
                         f"FINAL_VAR({prose.var}) names no variable of the REPL. Define it with code first, "
@@ -339,24 +454,17 @@ class RLM:
             return prose.answer or "", ""
         observations = []
         for index, code in enumerate(blocks):
-            result = await session.exec(code)
-            self.sub_calls += result.llm_calls
-            self._event(
+            result = await level.session.exec(code)
+            self.counters.sub_calls += result.llm_calls
+            self.event(
                 "exec",
-                depth=depth,
-                iteration=iteration,
+                depth=level.depth,
+                iteration=level.iteration,
                 block=index,
                 code=code,
                 stdout=result.stdout,
                 stderr=result.stderr,
-                error=None
-                if result.error is None
-                else {
-                    "code": result.error.code,
-                    "type": result.error.type,
-                    "message": result.error.message,
-                    "traceback": result.error.traceback,
-                },
+                error=None if result.error is None else result.error.to_wire(),
                 final=result.final,
                 final_var=result.final_var,
                 elapsed_ms=result.elapsed_ms,
@@ -369,7 +477,10 @@ class RLM:
                 return result.final, "\n\n".join(observations)
         return None, "\n\n".join(observations)
 
-    async def _final_var(self, session: Session, name: str, depth: int, iteration: int) -> str | None:
-        result = await session.exec(f"FINAL_VAR({name!r})")
-        self._event("final_var", depth=depth, iteration=iteration, name=name, found=result.final is not None)
+    async def final_var(self, level: _Level, name: str, iteration: int) -> str | None:
+        """The value of a session variable, read the way the model's own code would."""
+        result = await level.session.exec(f"FINAL_VAR({name!r})")
+        self.event(
+            "final_var", depth=level.depth, iteration=iteration, name=name, found=result.final is not None
+        )
         return result.final

@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import Any, TextIO
+from collections.abc import AsyncIterator, Callable
+from typing import TextIO
 
-from rlmq.protocol import AsyncHandlerClient, RlmqError
+from rlmq.protocol import RlmqError
+
+from .interfaces import ModelClient
+from .loop import RunCounters
 
 __all__ = ["progress_line"]
 
@@ -20,9 +23,9 @@ def _tokens(n: int) -> str:
 
 @contextlib.asynccontextmanager
 async def progress_line(
-    handler: AsyncHandlerClient,
+    models: ModelClient,
     run_id: str,
-    state: Any,
+    counters: Callable[[], RunCounters | None],
     *,
     max_iterations: int,
     stream: TextIO | None = None,
@@ -30,8 +33,9 @@ async def progress_line(
 ) -> AsyncIterator[None]:
     """Redraw one status line while the block runs: iteration, sub-calls, tokens, cost, time.
 
-    ``state`` (the running ``RLM``) gives ``iterations``, ``model_calls`` and ``asking``; the
-    rest comes from the handler's ``usage`` of the run, so sub-calls of every worker are counted.
+    ``counters`` gives the run's live ``RunCounters`` (``RLM.counters(run_id)``; None before the
+    run starts); the rest comes from the handler's ``usage`` of the run, so sub-calls of every
+    worker are counted.
     """
     out = stream or sys.stderr
     if not out.isatty():
@@ -42,8 +46,11 @@ async def progress_line(
     async def draw() -> None:
         while True:
             await asyncio.sleep(interval_s)
+            state = counters()
+            if state is None:
+                continue
             try:
-                usage = await handler.usage(run_id)
+                usage = await models.usage(run_id)
             except RlmqError:
                 continue
             u = usage.usage

@@ -10,33 +10,26 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from rlmq.protocol import AsyncHandlerClient, RlmqError
-from rlmq.protocol.sandbox import AsyncSandboxClient
-from rlmq.protocol.security import client_keys_from_env
+from rlmq.protocol import ConfigError, RlmqError
+from rlmq.protocol.security import CurveClientKeys, client_keys_from_env
 
-from .contexts import ContextError, load_context
+from .contexts import load_context
+from .errors import ContextError, NoServices
 from .local import local_services
-from .loop import BUDGET, RLM, WALL_TIME, RunResult, new_run_id
-from .progress import progress_line
-from .settings import RunSettings, SettingsError, load_run_settings
+from .loop import StopReason, new_run_id
+from .runner import run_query
+from .settings import load_run_settings
 from .trajectory import Trajectory
 
-__all__ = ["add_arguments", "main", "run_query"]
-
-log = logging.getLogger(__name__)
+__all__ = ["add_arguments", "main"]
 
 DEFAULT_RUNS_DIR = Path("rlmq-runs")
-
-
-class NoServices(RlmqError):
-    """Neither addresses of running services nor a config to start private ones."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,29 +96,7 @@ async def _addresses(args: argparse.Namespace) -> AsyncIterator[tuple[str, str]]
         yield args.handler or services.handler, args.sandbox or services.sandbox
 
 
-async def run_query(
-    query: str,
-    context: Any,
-    *,
-    handler: str,
-    sandbox: str,
-    settings: RunSettings,
-    trajectory: Trajectory,
-    run_id: str,
-    show_progress: bool = True,
-) -> RunResult:
-    """Connect, run, disconnect. Used by ``rlmq run`` and ``rlmq demo``."""
-    # Handler and pool on TCP beyond loopback require CURVE: keys come from the environment.
-    curve = client_keys_from_env(os.environ)
-    async with AsyncHandlerClient(handler, curve=curve) as hc, AsyncSandboxClient(sandbox, curve=curve) as sc:
-        rlm = RLM(hc, sc, settings, trajectory=trajectory)
-        if not show_progress:
-            return await rlm.run(query, context, run_id=run_id)
-        async with progress_line(hc, run_id, rlm, max_iterations=settings.max_iterations):
-            return await rlm.run(query, context, run_id=run_id)
-
-
-async def _main(args: argparse.Namespace) -> int:
+async def _main(args: argparse.Namespace, curve: CurveClientKeys | None) -> int:
     settings = load_run_settings(args.config, _overrides(args))
     context = load_context(args.context)
     run_id = new_run_id()
@@ -141,6 +112,7 @@ async def _main(args: argparse.Namespace) -> int:
                 settings=settings,
                 trajectory=trajectory,
                 run_id=run_id,
+                curve=curve,
             )
     finally:
         trajectory.close()
@@ -169,7 +141,7 @@ async def _main(args: argparse.Namespace) -> int:
         f"{note}; {result.iterations} iterations, {result.elapsed_s:.1f} s; trajectory: {path}",
         file=sys.stderr,
     )
-    if result.stop_reason in (BUDGET, WALL_TIME):
+    if result.stop_reason in (StopReason.BUDGET_EXCEEDED, StopReason.WALL_TIME):
         return 3
     return 0 if result.ok else 1
 
@@ -177,8 +149,11 @@ async def _main(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     args.config_exists = Path(args.config).exists()
     try:
-        return asyncio.run(_main(args))
-    except (SettingsError, ContextError, NoServices) as exc:
+        # Handler and pool on TCP beyond loopback require CURVE: the keys come from the environment,
+        # read here, at the entry point, and nowhere else.
+        curve = client_keys_from_env(os.environ)
+        return asyncio.run(_main(args, curve))
+    except (ConfigError, ContextError, NoServices) as exc:
         print(f"rlmq run: {exc.message}", file=sys.stderr)
         return 2
     except RlmqError as exc:

@@ -7,16 +7,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rlmq.protocol import RlmqError, RunLimits
+from rlmq.protocol import RunLimits
 from rlmq.protocol.tables import check_table, field_kinds, read_toml
+
+from .errors import SettingsError
 
 __all__ = ["RunSettings", "SettingsError", "load_run_settings"]
 
 COMPACTION_MODES = ("window", "summary")
-
-
-class SettingsError(RlmqError):
-    """Run settings that cannot be used as written."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .local import ServiceError, local_services
+from .errors import ServiceError
+from .local import local_services
 
 __all__ = ["add_arguments", "main"]
 

@@ -1,4 +1,8 @@
-"""The RLM loop with a scripted root model, a real handler, a real pool and real workers."""
+"""The RLM loop with a scripted root model, a real handler, a real pool and real workers.
+
+The same behaviours as fast units, on the in-memory fakes, are in tests/test_loop.py; these prove
+the loop and the real ZeroMQ clients fit together.
+"""
 
 from __future__ import annotations
 
@@ -44,8 +48,8 @@ async def run(
 ) -> tuple[RunResult, Trajectory]:
     stack.model.script("t1", responses)
     trajectory = Trajectory(None)
-    rlm = RLM(stack.handler, stack.sandbox, RunSettings(**settings), trajectory=trajectory)
-    return await rlm.run(query, context, run_id="t1"), trajectory
+    rlm = RLM(stack.handler, stack.sandbox, RunSettings(**settings))
+    return await rlm.run(query, context, run_id="t1", trajectory=trajectory), trajectory
 
 
 def events(trajectory: Trajectory, name: str) -> list[dict[str, Any]]:
@@ -181,10 +185,28 @@ async def test_budget_stops_the_run_with_a_reason(stack: Stack) -> None:
 
 async def test_failed_run_still_leaves_a_whole_trajectory(stack: Stack) -> None:
     trajectory = Trajectory(None)
-    rlm = RLM(stack.handler, stack.sandbox, RunSettings(root_model="missing"), trajectory=trajectory)
-    result = await rlm.run("Q?", "ctx", run_id="t2")
+    rlm = RLM(stack.handler, stack.sandbox, RunSettings(root_model="missing"))
+    result = await rlm.run("Q?", "ctx", run_id="t2", trajectory=trajectory)
     assert result.stop_reason == "error"
     assert "unknown_model" in result.detail
+    assert result.error is not None
+    assert (result.error.code, result.error.retryable) == ("unknown_model", False)
     assert next(e["event"] for e in trajectory.events) == "run_start"
     assert trajectory.events[-1]["event"] == "run_end"
     assert trajectory.events[-1]["stop_reason"] == "error"
+    assert trajectory.events[-1]["error"]["code"] == "unknown_model"
+
+
+async def test_a_failed_child_run_reaches_the_models_code_as_rlm_failed(stack: Stack) -> None:
+    result, trajectory = await run(
+        stack,
+        [
+            "```repl\ntry:\n    rlm_query('hard')\nexcept Exception as e:\n    print('child:', e)\n```",
+            "```repl\nprint('the child works')\n```",  # the child's first turn; its second is refused
+        ],
+        max_depth=2,
+        max_calls=2,
+    )
+    (root_exec,) = [e for e in events(trajectory, "exec") if e["depth"] == 0]
+    assert "rlm_query failed: (rlm_failed) the recursive run stopped: budget_exceeded" in root_exec["stdout"]
+    assert result.stop_reason == "budget_exceeded"

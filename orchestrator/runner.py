@@ -1,0 +1,47 @@
+"""One run against running services, by address: connect, run, disconnect.
+
+The library side of ``rlmq run`` and ``rlmq demo``. It reads no environment: CURVE keys, like
+every other setting, come from the caller (the command line reads them at its entry point).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from rlmq.protocol import AsyncHandlerClient
+from rlmq.protocol.sandbox import AsyncSandboxClient
+from rlmq.protocol.security import CurveClientKeys
+
+from .loop import RLM, RunResult
+from .progress import progress_line
+from .settings import RunSettings
+from .trajectory import Trajectory
+
+__all__ = ["run_query"]
+
+
+async def run_query(
+    query: str,
+    context: Any,
+    *,
+    handler: str,
+    sandbox: str,
+    settings: RunSettings,
+    trajectory: Trajectory,
+    run_id: str,
+    curve: CurveClientKeys | None = None,
+    show_progress: bool = True,
+) -> RunResult:
+    """Answer ``query`` about ``context`` with the handler and the pool at these addresses.
+
+    ``curve``: client keys for services on TCP beyond loopback, which require CURVE.
+    ``show_progress``: a progress line on stderr, when stderr is a terminal.
+    """
+    async with AsyncHandlerClient(handler, curve=curve) as hc, AsyncSandboxClient(sandbox, curve=curve) as sc:
+        rlm = RLM(hc, sc, settings)
+        if not show_progress:
+            return await rlm.run(query, context, run_id=run_id, trajectory=trajectory)
+        counters = functools.partial(rlm.counters, run_id)
+        async with progress_line(hc, run_id, counters, max_iterations=settings.max_iterations):
+            return await rlm.run(query, context, run_id=run_id, trajectory=trajectory)
