@@ -3,7 +3,7 @@ asyncio DEALER base, and reading one reply frame.
 
 The handler clients (``client.py``) and the sandbox client (``sandbox/client.py``) build on this;
 the codec and the messages know nothing of sockets. The servers own their ROUTER sockets
-themselves (``rlmq.lmhandler.transport``, ``rlmq.sandbox.server``) and use ``configure_socket``.
+themselves (``rlmq.lmhandler.transport``, ``rlmq.sandbox.pool``) and use ``configure_socket``.
 """
 
 from __future__ import annotations

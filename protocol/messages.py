@@ -568,7 +568,3 @@ class ErrorReply:
 
 
 Reply = CompleteReply | PongReply | StatsReply | RunUsageReply | ErrorReply
-
-
-# Old private names, kept only until sandbox/_wire.py reads rlmq.protocol.fields (issue 12).
-_drop_none, _field, _opt_str, _str = drop_none, required, opt_string, string

@@ -2,25 +2,45 @@
 
     rlmq sandbox --handler ADDR [--bind ADDR] [--workers N] [--config FILE]
 
-Orchestrators talk to the pool with ``protocol.sandbox.AsyncSandboxClient`` (the session
+Orchestrators talk to the pool with ``rlmq.protocol.sandbox.AsyncSandboxClient`` (the session
 protocol is in docs/protocol.md); what each isolation level protects against is in
 docs/security.md.
 
+Rooms: ``pool`` is the server (sockets, dispatch), ``sessions`` the session manager,
+``supervisor`` the worker processes (no ZeroMQ), ``worker`` and ``runtime`` the worker's side.
+
 Errors:
 
-    RlmqError (protocol)
-    ├── ConfigError (sandbox.config)     settings that cannot be used as written
-    ├── PoolFailure (sandbox.pool)       a failure that becomes an error reply with its code
-    │   └── WorkerGone                   the worker exited or was killed while something waited on it
-    └── SandboxError (protocol.sandbox)  what the client raises for an error reply
+    RlmqError (rlmq.protocol)
+    ├── ConfigError (rlmq.protocol)          settings that cannot be used as written
+    ├── PoolError (sandbox.errors)           root of the pool's own errors
+    │   └── PoolFailure                      becomes an error reply with its code
+    │       ├── UnknownSession               unknown_session
+    │       ├── SessionBusy                  session_busy
+    │       ├── SessionLost                  session_lost
+    │       │   └── WorkerGone               the worker exited or was killed while awaited
+    │       ├── PoolExhausted                pool_exhausted (retryable)
+    │       └── PoolStopping                 unavailable (retryable)
+    └── SandboxError (rlmq.protocol.sandbox) what the client raises for an error reply
 
-    raised inside the model's code (not RlmqError: they are the code's own exceptions)
-    ├── LLMQueryError (sandbox.runtime)  llm_query / llm_query_batched failed
-    └── RLMQueryError (sandbox.runtime)  rlm_query failed or is disabled at this depth
+    raised inside the model's code (not RlmqError: they are the code's own exceptions, with
+    ``.code`` and ``.retryable`` from the error as it travelled)
+    ├── LLMQueryError (sandbox.runtime)      llm_query / llm_query_batched failed
+    └── RLMQueryError (sandbox.runtime)      rlm_query failed or is disabled at this depth
 """
 
 from .config import DEFAULT_BIND, ConfigError, PoolConfig, build_config, load_table
-from .pool import Pool, PoolFailure, WorkerGone
+from .errors import (
+    PoolError,
+    PoolExhausted,
+    PoolFailure,
+    PoolStopping,
+    SessionBusy,
+    SessionLost,
+    UnknownSession,
+    WorkerGone,
+)
+from .pool import Pool
 from .runtime import LLMQueryError, Repl, RLMQueryError
 
 __all__ = [
@@ -29,9 +49,15 @@ __all__ = [
     "LLMQueryError",
     "Pool",
     "PoolConfig",
+    "PoolError",
+    "PoolExhausted",
     "PoolFailure",
+    "PoolStopping",
     "RLMQueryError",
     "Repl",
+    "SessionBusy",
+    "SessionLost",
+    "UnknownSession",
     "WorkerGone",
     "build_config",
     "load_table",

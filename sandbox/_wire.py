@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rlmq.protocol import DecodeError, unpack
-from rlmq.protocol.messages import _drop_none, _field, _opt_str, _str
+from rlmq.protocol.errors import ErrorCode, ErrorInfo
+from rlmq.protocol.fields import drop_none, opt_string, required, string
 from rlmq.protocol.sandbox import CONTEXT_FORMATS, ExecResult, SessionInfo
 
 __all__ = [
@@ -30,6 +31,14 @@ __all__ = [
 ]
 
 Wire = dict[str, Any]
+
+
+def _error(d: Mapping[str, Any], key: str) -> ErrorInfo:
+    return ErrorInfo.from_wire(required(d, key, (dict,), "a map", None))
+
+
+def _opt_error(d: Mapping[str, Any], key: str) -> ErrorInfo | None:
+    return None if d.get(key) is None else _error(d, key)
 
 
 def _fields(d: Mapping[str, Any], nblobs: int, expected: int, op: str) -> None:
@@ -50,13 +59,13 @@ class Assign:
     sub_model: str
     max_output_chars: int
     context_format: str
-    rlm_error: str | None  # None: rlm_query is available; else the message it raises
+    rlm_error: ErrorInfo | None  # None: rlm_query is available; else what it raises
     handler: str | None = None  # a per-session handler address (else the worker's default)
 
     OP: ClassVar[str] = "assign"
 
     def to_wire(self) -> Wire:
-        return {"op": self.OP} | _drop_none(
+        return {"op": self.OP} | drop_none(
             {
                 "session": self.session,
                 "run": self.run,
@@ -64,7 +73,7 @@ class Assign:
                 "sub_model": self.sub_model,
                 "max_output_chars": self.max_output_chars,
                 "context_format": self.context_format,
-                "rlm_error": self.rlm_error,
+                "rlm_error": self.rlm_error.to_wire() if self.rlm_error is not None else None,
                 "handler": self.handler,
             }
         )
@@ -72,18 +81,18 @@ class Assign:
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Assign:
         _fields(d, nblobs, 1, cls.OP)
-        fmt = _str(d, "context_format", None)
+        fmt = string(d, "context_format", None)
         if fmt not in CONTEXT_FORMATS:
             raise DecodeError(f"unknown context format {fmt!r}")
         return cls(
-            session=_str(d, "session", None),
-            run=_str(d, "run", None),
-            depth=_field(d, "depth", (int,), "an integer", None),
-            sub_model=_str(d, "sub_model", None),
-            max_output_chars=_field(d, "max_output_chars", (int,), "an integer", None),
+            session=string(d, "session", None),
+            run=string(d, "run", None),
+            depth=required(d, "depth", (int,), "an integer", None),
+            sub_model=string(d, "sub_model", None),
+            max_output_chars=required(d, "max_output_chars", (int,), "an integer", None),
             context_format=fmt,
-            rlm_error=_opt_str(d, "rlm_error", None),
-            handler=_opt_str(d, "handler", None),
+            rlm_error=_opt_error(d, "rlm_error"),
+            handler=opt_string(d, "handler", None),
         )
 
 
@@ -101,30 +110,37 @@ class Exec:
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Exec:
         _fields(d, nblobs, 0, cls.OP)
-        timeout = _field(d, "timeout_s", (int, float), "a number", None)
-        return cls(_str(d, "id", None), _str(d, "code", None), float(timeout))
+        timeout = required(d, "timeout_s", (int, float), "a number", None)
+        return cls(string(d, "id", None), string(d, "code", None), float(timeout))
 
 
 @dataclass(frozen=True, slots=True)
 class RlmAnswer:
+    """The answer to a worker's ``rlm_query``: the child run's text, or its error as it came."""
+
     id: str
     ok: bool
     text: str = ""
-    error: str = ""
+    error: ErrorInfo | None = None  # set when not ok
 
     OP: ClassVar[str] = "rlm_result"
 
     def to_wire(self) -> Wire:
-        return {"op": self.OP, "id": self.id, "ok": self.ok, "text": self.text, "error": self.error}
+        wire: Wire = {"op": self.OP, "id": self.id, "ok": self.ok, "text": self.text}
+        if not self.ok:
+            error = self.error or ErrorInfo(ErrorCode.RLM_FAILED, "the child run failed")
+            wire["error"] = error.to_wire()
+        return wire
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> RlmAnswer:
         _fields(d, nblobs, 0, cls.OP)
+        ok = required(d, "ok", (bool,), "a boolean", None)
         return cls(
-            _str(d, "id", None),
-            _field(d, "ok", (bool,), "a boolean", None),
-            _opt_str(d, "text", None) or "",
-            _opt_str(d, "error", None) or "",
+            string(d, "id", None),
+            ok,
+            opt_string(d, "text", None) or "",
+            None if ok else _error(d, "error"),
         )
 
 
@@ -153,7 +169,7 @@ class Ready:
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Ready:
         _fields(d, nblobs, 0, cls.OP)
-        pid = _field(d, "pid", (int,), "an integer", None)
+        pid = required(d, "pid", (int,), "an integer", None)
         if pid <= 0:
             raise DecodeError("pid must be positive")
         return cls(pid)
@@ -165,23 +181,22 @@ class Loaded:
 
     ok: bool
     info: SessionInfo | None = None
-    error_code: str = ""
-    error_message: str = ""
+    error: ErrorInfo | None = None  # set when not ok
 
     OP: ClassVar[str] = "loaded"
 
     def to_wire(self) -> Wire:
         if self.ok and self.info is not None:
             return {"op": self.OP, "ok": True, "info": self.info.to_wire()}
-        return {"op": self.OP, "ok": False, "error": {"code": self.error_code, "message": self.error_message}}
+        error = self.error or ErrorInfo(ErrorCode.INTERNAL, "the context was not loaded")
+        return {"op": self.OP, "ok": False, "error": error.to_wire()}
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Loaded:
         _fields(d, nblobs, 0, cls.OP)
-        if _field(d, "ok", (bool,), "a boolean", None):
+        if required(d, "ok", (bool,), "a boolean", None):
             return cls(True, SessionInfo.from_wire(d.get("info")))
-        error = _field(d, "error", (dict,), "a map", None)
-        return cls(False, None, _str(error, "code", None), _str(error, "message", None))
+        return cls(False, None, _error(d, "error"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +212,7 @@ class Result:
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> Result:
         _fields(d, nblobs, 0, cls.OP)
-        return cls(_str(d, "id", None), ExecResult.from_wire(d.get("result")))
+        return cls(string(d, "id", None), ExecResult.from_wire(d.get("result")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,17 +224,17 @@ class WorkerRlmQuery:
     OP: ClassVar[str] = "rlm_query"
 
     def to_wire(self) -> Wire:
-        return {"op": self.OP} | _drop_none(
+        return {"op": self.OP} | drop_none(
             {"id": self.id, "prompt": self.prompt, "context_format": self.context_format}
         )
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], nblobs: int) -> WorkerRlmQuery:
-        fmt = _opt_str(d, "context_format", None)
+        fmt = opt_string(d, "context_format", None)
         if fmt is not None and fmt not in CONTEXT_FORMATS:
             raise DecodeError(f"unknown context format {fmt!r}")
         _fields(d, nblobs, 1 if fmt is not None else 0, cls.OP)
-        return cls(_str(d, "id", None), _str(d, "prompt", None), fmt)
+        return cls(string(d, "id", None), string(d, "prompt", None), fmt)
 
 
 @dataclass(frozen=True, slots=True)

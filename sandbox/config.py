@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rlmq.protocol import RlmqError
+from rlmq.protocol.errors import ConfigError
 from rlmq.protocol.tables import check_table, field_kinds, read_toml
 
 from .spec import DEFAULT_PREIMPORT
@@ -20,10 +20,6 @@ __all__ = ["DEFAULT_BIND", "ISOLATIONS", "ConfigError", "PoolConfig", "build_con
 
 DEFAULT_BIND = "tcp://127.0.0.1:5556"
 ISOLATIONS = ("process", "bwrap")
-
-
-class ConfigError(RlmqError):
-    """Settings that cannot be used as written."""
 
 
 @dataclass(frozen=True, slots=True)

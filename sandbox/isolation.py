@@ -3,37 +3,39 @@
 - ``process``: a plain subprocess with a scrubbed environment, a private working directory, rlimits,
   and (when the pool runs as root) its own unprivileged uid and a pids cgroup.
 - ``bwrap``: the same inside bubblewrap: no network (the handler is reached through an ipc proxy
-  in the pool), a read-only root filesystem, a private /tmp, and its own pid, ipc and uts
-  namespaces.
+  in the pool, ``proxy.HandlerProxy``), a read-only root filesystem, a private /tmp, and its own
+  pid, ipc and uts namespaces.
 
-Everything here is synchronous and quick; the pool calls it from a thread.
+Everything here is synchronous and quick, and knows no sockets; the supervisor calls it from a
+thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import random
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
-
-import msgpack
-import zmq
 
 import rlmq
-from rlmq.protocol.client import configure_socket
-from rlmq.protocol.security import CurveClientKeys, connect
 
 from . import procs
 from .config import PoolConfig
 from .spec import WorkerSpec
 
-__all__ = ["Cgroups", "HandlerProxy", "UidSlots", "find_bwrap", "worker_command", "worker_env"]
+__all__ = [
+    "Cgroups",
+    "UidSlots",
+    "find_bwrap",
+    "in_cgroup",
+    "worker_command",
+    "worker_env",
+]
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +167,10 @@ def _runtime_paths(python: str) -> list[str]:
     """What a worker must be able to read: the interpreter, its prefix, and the directories
     holding rlmq's packages and its two dependencies (not the rest of ``sys.path``)."""
     paths = [sys.prefix, sys.exec_prefix, sys.base_prefix, os.path.dirname(python), *_package_roots()]
-    for module in (zmq, msgpack):
-        paths.append(str(Path(module.__file__ or "").resolve().parent.parent))
+    for name in ("zmq", "msgpack"):  # located, not imported: this module knows no sockets
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin is not None:
+            paths.append(str(Path(spec.origin).resolve().parent.parent))
     return paths
 
 
@@ -190,7 +194,6 @@ def worker_command(
     *,
     bwrap: str | None,
     bind_dirs: list[str],
-    cgroup_procs: Path | None,
 ) -> list[str]:
     """The argv that starts one worker (see the module docstring)."""
     python = config.python or sys.executable
@@ -239,74 +242,9 @@ def worker_command(
             args += ["--bind", path, path]
         args += ["--chdir", spec.workdir, "--"]
         cmd = args + cmd
-    if cgroup_procs is not None:
-        # Join the worker's cgroup before anything else runs, then become the worker.
-        cmd = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup_procs), *cmd]
     return cmd
 
 
-class HandlerProxy:
-    """A ZeroMQ ROUTER on an ipc:// path relayed to the handler (DEALER), in its own thread.
-
-    With ``isolation = "bwrap"`` workers have no network; this is their only way out, and it
-    leads to the handler only. The handler echoes envelopes, so replies find their worker.
-    """
-
-    def __init__(
-        self, upstream: str, path: str, *, public: bool = False, curve: CurveClientKeys | None = None
-    ) -> None:
-        self.upstream = upstream
-        self.curve = curve  # CURVE client keys for an upstream that requires them
-        self.path = path
-        self.address = f"ipc://{path}"
-        self.public = public  # world-connectable: for workers that connect after the uid drop
-        self._ctx: zmq.Context[Any] = zmq.Context()
-        self._control_address = f"inproc://proxy-control-{id(self)}"
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"handler-proxy {path}", daemon=True)
-
-    def start(self, timeout_s: float = 5.0) -> str:
-        self._thread.start()
-        if not self._ready.wait(timeout_s) or self._error is not None:
-            raise OSError(f"handler proxy on {self.address} did not start: {self._error}")
-        return self.address
-
-    def _run(self) -> None:
-        front = self._ctx.socket(zmq.ROUTER)
-        back = self._ctx.socket(zmq.DEALER)
-        control = self._ctx.socket(zmq.PAIR)
-        try:
-            for sock in (front, back):
-                configure_socket(sock)
-            front.bind(self.address)
-            if self.public:
-                # Deliberate: reached by workers after their uid drop; it leads to the handler only.
-                os.chmod(self.path, 0o666)  # noqa: S103
-            connect(back, self.upstream, self.curve)
-            control.bind(self._control_address)
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            for sock in (front, back, control):
-                sock.close(linger=0)
-            return
-        self._ready.set()
-        try:
-            zmq.proxy_steerable(front, back, None, control)
-        except zmq.ZMQError as exc:
-            log.debug("handler proxy %s ended: %s", self.address, exc)
-        finally:
-            for sock in (front, back, control):
-                sock.close(linger=0)
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        if self._thread.is_alive():
-            client = self._ctx.socket(zmq.PAIR)
-            try:
-                client.connect(self._control_address)
-                client.send(b"TERMINATE")
-            finally:
-                client.close(linger=0)
-            self._thread.join(timeout_s)
-        self._ctx.term()
+def in_cgroup(cmd: list[str], cgroup_procs: Path) -> list[str]:
+    """``cmd`` run inside a cgroup: join it (its ``cgroup.procs``) before anything else runs."""
+    return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup_procs), *cmd]

@@ -8,7 +8,8 @@ Pure Python with no sockets: the worker gives ``Repl`` an object that makes sub-
     llm_query_batched(prompts, model=None) -> list[str]
     rlm_query(prompt, context=None) -> str       (a child run, when depth allows)
     FINAL(value), FINAL_VAR(name)                record the answer; the code runs on to its end
-    LLMQueryError, RLMQueryError                 what failed sub-calls raise
+    LLMQueryError, RLMQueryError                 what failed sub-calls raise; their ``code`` and
+                                                 ``retryable`` are the error's, as it travelled
 
 Restricting builtins is not a security boundary and is not attempted here; isolation is the
 worker process's job (docs/security.md).
@@ -28,8 +29,9 @@ import traceback
 import types
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
+from rlmq.protocol.errors import ErrorCode, ErrorInfo
 from rlmq.protocol.sandbox import ExecError, ExecResult
 
 __all__ = [
@@ -42,17 +44,34 @@ __all__ = [
 ]
 
 
-class LLMQueryError(RuntimeError):
+class _SubCallError(RuntimeError):
+    """A failed sub-call, as the model's code sees it: the message, and the error's ``code``
+    and ``retryable`` as they travelled (``info``), so code can branch without parsing text."""
+
+    default_code: ClassVar[str] = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, *, info: ErrorInfo | None = None) -> None:
+        super().__init__(message)
+        self.info = info if info is not None else ErrorInfo(self.default_code, message)
+        self.code: str = self.info.code
+        self.retryable: bool = self.info.retryable
+
+
+class LLMQueryError(_SubCallError):
     """An llm_query / llm_query_batched call failed (raised inside the model's code)."""
 
+    default_code = ErrorCode.BACKEND_ERROR
 
-class RLMQueryError(RuntimeError):
+
+class RLMQueryError(_SubCallError):
     """An rlm_query call failed or is not available (raised inside the model's code)."""
+
+    default_code = ErrorCode.RLM_FAILED
 
 
 # Tracebacks print "LLMQueryError: ..." as for a builtin: the model sees these names in its
 # namespace, never the module they come from.
-LLMQueryError.__module__ = RLMQueryError.__module__ = "builtins"
+_SubCallError.__module__ = LLMQueryError.__module__ = RLMQueryError.__module__ = "builtins"
 
 
 class SubCalls(Protocol):
@@ -164,11 +183,11 @@ class Repl:
         calls: SubCalls,
         *,
         max_output_chars: int = 20_000,
-        rlm_error: str | None = None,
+        rlm_error: ErrorInfo | None = None,
         on_fork_check: Callable[[], None] | None = None,
         memory_mb: int | None = None,
     ) -> None:
-        """``rlm_error``: when set, rlm_query is unavailable and raises this message.
+        """``rlm_error``: when set, rlm_query is unavailable and raises this error.
         ``on_fork_check``: called before every sub-call (the worker refuses them in forked
         children, whose sockets are copies of the parent's)."""
         self.calls = calls
@@ -220,7 +239,7 @@ class Repl:
     def _rlm_query(self, prompt: str, context: Any = None) -> str:
         """Start a recursive child run on ``prompt`` (and an optional ``context``)."""
         if self.rlm_error is not None:
-            raise RLMQueryError(self.rlm_error)
+            raise RLMQueryError(self.rlm_error.message, info=self.rlm_error)
         self._check()
         if not isinstance(prompt, str):
             raise TypeError(f"rlm_query prompt must be a str, not {type(prompt).__name__}")
@@ -318,7 +337,7 @@ class Repl:
 def _message(exc: BaseException) -> str:
     try:
         return str(exc)
-    except Exception:
+    except Exception:  # the model's own __str__ may raise anything
         return f"<{type(exc).__name__}: str() failed>"
 
 

@@ -1,7 +1,7 @@
 """What the pool tells a worker at start (one JSON argument: the environment is scrubbed).
 
-Kept apart from ``sandbox.worker`` so that importing the package never imports the module that
-``python -m sandbox.worker`` runs as ``__main__``.
+Kept apart from ``rlmq.sandbox.worker`` so that importing the package never imports the module
+that ``python -m rlmq.sandbox.worker`` runs as ``__main__``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A sandbox worker process: ``python -m sandbox.worker SPEC_JSON`` (started by the pool only).
+"""A sandbox worker process: ``python -m rlmq.sandbox.worker SPEC_JSON`` (started by the pool).
 
 Start-up, before the worker announces READY:
 
@@ -34,6 +34,7 @@ import zmq
 
 from rlmq.protocol import ErrorReply, HandlerClient, RemoteError, RlmqError, TransportTimeout, pack
 from rlmq.protocol.client import configure_socket
+from rlmq.protocol.errors import ErrorCode, ErrorInfo
 from rlmq.protocol.sandbox import (
     ExecError,
     ExecResult,
@@ -216,9 +217,11 @@ class PoolLink:
             if answer is not None:
                 break
             if time.monotonic() > deadline:
-                raise RLMQueryError(f"no answer to rlm_query within {timeout_s:g} s")
+                info = ErrorInfo(ErrorCode.TIMEOUT, f"no answer to rlm_query within {timeout_s:g} s", True)
+                raise RLMQueryError(info.message, info=info)
         if not answer.ok:
-            raise RLMQueryError(f"rlm_query failed: {answer.error}")
+            error = answer.error or ErrorInfo(ErrorCode.RLM_FAILED, "the child run failed")
+            raise RLMQueryError(f"rlm_query failed: ({error.code}) {error.message}", info=error)
         return answer.text
 
 
@@ -250,10 +253,9 @@ class SubCalls:
         alias = model or self.sub_model
         try:
             return self.client.complete(prompt, model=alias).text
-        except RemoteError as exc:
-            raise LLMQueryError(f"llm_query failed ({exc.raw_code}): {exc.message}") from None
-        except TransportTimeout as exc:
-            raise LLMQueryError(f"llm_query failed (timeout): {exc.message}") from None
+        except (RemoteError, TransportTimeout) as exc:
+            info = ErrorInfo.of(exc)
+            raise LLMQueryError(f"llm_query failed ({info.code}): {info.message}", info=info) from None
 
     def complete_many(self, prompts: Sequence[Any], model: str | None) -> list[str]:
         for i, prompt in enumerate(prompts):
@@ -262,15 +264,20 @@ class SubCalls:
         try:
             replies = self.client.complete_many(prompts, model=alias)
         except TransportTimeout as exc:
-            raise LLMQueryError(f"llm_query_batched failed (timeout): {exc.message}") from None
+            info = ErrorInfo.of(exc)
+            raise LLMQueryError(
+                f"llm_query_batched failed ({info.code}): {info.message}", info=info
+            ) from None
         failed = [i for i, r in enumerate(replies) if isinstance(r, ErrorReply)]
         if failed:
             first = replies[failed[0]]
             assert isinstance(first, ErrorReply)
             shown = ", ".join(map(str, failed[:20])) + (", ..." if len(failed) > 20 else "")
+            info = ErrorInfo(first.code, first.message, first.retryable, first.retry_after_s)
             raise LLMQueryError(
                 f"llm_query_batched: {len(failed)} of {len(replies)} prompts failed (indexes {shown}); "
-                f"first error, at index {failed[0]}: ({first.code}) {first.message}"
+                f"first error, at index {failed[0]}: ({first.code}) {first.message}",
+                info=info,
             )
         return [r.text for r in replies if not isinstance(r, ErrorReply)]
 
@@ -322,19 +329,15 @@ class _Worker:
 
     def _assign(self, msg: Assign, blob: zmq.Frame) -> Loaded:
         if self.repl is not None:
-            return Loaded(False, error_code="bad_request", error_message="worker already has a session")
+            return Loaded(False, error=ErrorInfo(ErrorCode.BAD_REQUEST, "worker already has a session"))
         started = time.perf_counter()
         try:
             context = decode_context(msg.context_format, blob.buffer)
         except ValueError as exc:
-            return Loaded(False, error_code="bad_request", error_message=str(exc))
+            return Loaded(False, error=ErrorInfo(ErrorCode.BAD_REQUEST, str(exc)))
         except MemoryError:
-            return Loaded(
-                False,
-                error_code="too_large",
-                error_message=f"the context does not fit in the worker's memory limit "
-                f"({self.spec.memory_mb} MB)",
-            )
+            message = f"the context does not fit in the worker's memory limit ({self.spec.memory_mb} MB)"
+            return Loaded(False, error=ErrorInfo(ErrorCode.TOO_LARGE, message))
         load_ms = (time.perf_counter() - started) * 1000.0
         client = self.client
         if msg.handler is not None and msg.handler != self.spec.handler:
@@ -415,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="worker: %(levelname)s %(message)s", stream=sys.stderr)
     if len(argv) != 1:
-        print("usage: python -m sandbox.worker SPEC_JSON (started by the sandbox pool)", file=sys.stderr)
+        print("usage: python -m rlmq.sandbox.worker SPEC_JSON (started by the sandbox pool)", file=sys.stderr)
         return 2
     spec = WorkerSpec.from_json(argv[0])
     os.environ.pop("PWD", None)  # set by the launcher's /bin/sh; nothing of the parent's stays

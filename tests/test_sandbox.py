@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from rlmq.lmhandler.backends import Backend, BackendRequest, Completion
 from rlmq.lmhandler.server import Handler
 from rlmq.lmhandler.testing import echo_model, running_handler
 from rlmq.protocol import (
@@ -29,14 +29,16 @@ from rlmq.protocol import (
     ErrorCode,
     RemoteError,
     RunLimits,
+    TransportTimeout,
     UnknownOp,
     UnsupportedVersion,
+    Usage,
     pack,
 )
+from rlmq.protocol.errors import ErrorInfo
 from rlmq.protocol.sandbox import (
     AsyncSandboxClient,
     ExecResult,
-    SandboxCode,
     SandboxError,
     context_shape,
     decode_context,
@@ -44,6 +46,7 @@ from rlmq.protocol.sandbox import (
     encode_context,
 )
 from rlmq.sandbox import ConfigError, LLMQueryError, Pool, PoolConfig, Repl, RLMQueryError, build_config
+from rlmq.sandbox._wire import Assign, Loaded, RlmAnswer, decode_from_pool, decode_from_worker
 from rlmq.sandbox.runtime import OutputCapture
 from rlmq.sandbox.testing import running_pool
 
@@ -77,6 +80,10 @@ class FakeCalls:
         "rlmq.sandbox.cli",
         "rlmq.sandbox.runtime",
         "rlmq.sandbox.procs",
+        "rlmq.sandbox.errors",
+        "rlmq.sandbox.supervisor",
+        "rlmq.sandbox.sessions",
+        "rlmq.sandbox.pool",
         "rlmq.protocol.sandbox",
     ],
 )
@@ -155,12 +162,44 @@ def test_repl_errors_carry_a_trimmed_traceback() -> None:
 
 
 def test_repl_rlm_query_disabled_message() -> None:
-    repl = Repl("", FakeCalls(), rlm_error="rlm_query is disabled at depth 0")
+    refusal = ErrorInfo(ErrorCode.BAD_REQUEST, "rlm_query is disabled at depth 0")
+    repl = Repl("", FakeCalls(), rlm_error=refusal)
     result = repl.run("rlm_query('q')")
     assert result.error is not None
     assert result.error.type == "RLMQueryError"
     assert result.error.message == "rlm_query is disabled at depth 0"
+    caught = repl.run("try:\n    rlm_query('q')\nexcept RLMQueryError as e:\n    print(e.code, e.retryable)")
+    assert caught.stdout == "bad_request False\n"
     assert issubclass(RLMQueryError, RuntimeError)
+
+
+def test_sub_call_errors_carry_code_and_retryable() -> None:
+    info = ErrorInfo(ErrorCode.RATE_LIMITED, "slow down", True, 2.0)
+    error = LLMQueryError("llm_query failed (rate_limited): slow down", info=info)
+    assert (error.code, error.retryable, error.info, str(error)) == (
+        "rate_limited",
+        True,
+        info,
+        "llm_query failed (rate_limited): slow down",
+    )
+    plain = RLMQueryError("no child")  # raised without an ErrorInfo: a default code
+    assert (plain.code, plain.retryable) == (ErrorCode.RLM_FAILED, False)
+    assert LLMQueryError("x").code == ErrorCode.BACKEND_ERROR
+
+
+def test_worker_hop_carries_errors_structurally() -> None:
+    refusal = ErrorInfo(ErrorCode.BAD_REQUEST, "rlm_query is disabled at depth 1")
+    assign = Assign("s-1", "r", 1, "sub", 1000, "text", refusal, None)
+    assert decode_from_pool(pack(assign.to_wire()), 1) == assign
+    answer = RlmAnswer("q1", False, error=ErrorInfo(ErrorCode.TIMEOUT, "child timed out", True))
+    assert decode_from_pool(pack(answer.to_wire()), 0) == answer
+    assert decode_from_pool(pack(RlmAnswer("q2", True, text="hi").to_wire()), 0) == RlmAnswer(
+        "q2", True, "hi"
+    )
+    loaded = Loaded(False, error=ErrorInfo(ErrorCode.TOO_LARGE, "does not fit"))
+    assert decode_from_worker(pack(loaded.to_wire()), 0, max_bytes=1 << 20) == loaded
+    with pytest.raises(DecodeError):  # a failed answer without its error is malformed
+        decode_from_pool(pack({"op": "rlm_result", "id": "q", "ok": False, "text": ""}), 0)
 
 
 def test_context_codec_round_trips_and_shapes() -> None:
@@ -218,9 +257,65 @@ def test_config_from_table_and_flags() -> None:
 # ---------------------------------------------------------------- real pools
 
 
+class Gathering(Backend):
+    """Answers nothing until ``expected`` requests are in flight at once, then answers them all:
+    calls made one after another could never finish (each would wait for the next)."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.seen = 0
+        self.peak = 0
+        self._in_flight = 0
+        self._all_in = asyncio.Event()
+
+    async def complete(self, request: BackendRequest) -> Completion:
+        self.seen += 1
+        self._in_flight += 1
+        self.peak = max(self.peak, self._in_flight)
+        if self._in_flight >= self.expected:
+            self._all_in.set()
+        try:
+            # Bounded so that a serial caller fails the test clearly instead of hanging it.
+            await asyncio.wait_for(self._all_in.wait(), 20)
+        finally:
+            self._in_flight -= 1
+        text = request.messages[-1].content
+        return Completion(text, "gathering", Usage(1, 1), "end_turn")
+
+
+class Gate(Backend):
+    """Says when a request arrived (the code has reached that line), answers once opened."""
+
+    def __init__(self) -> None:
+        self.arrived: asyncio.Queue[str] = asyncio.Queue()
+        self.opened = asyncio.Event()
+
+    async def complete(self, request: BackendRequest) -> Completion:
+        text = request.messages[-1].content
+        self.arrived.put_nowait(text)
+        await asyncio.wait_for(self.opened.wait(), 20)
+        return Completion(text, "gate", Usage(1, 1), "end_turn")
+
+
 @pytest.fixture
-async def handler() -> AsyncIterator[Handler]:
-    async with running_handler({"sub": echo_model(), "slow": echo_model(latency_ms=300)}) as h:
+def gathering() -> Gathering:
+    return Gathering(100)
+
+
+@pytest.fixture
+def gate() -> Gate:
+    return Gate()
+
+
+@pytest.fixture
+async def handler(gathering: Gathering, gate: Gate) -> AsyncIterator[Handler]:
+    models = {
+        "sub": echo_model(),
+        "slow": echo_model(latency_ms=300),
+        "gathering": echo_model(max_concurrency=200),
+        "gate": echo_model(),
+    }
+    async with running_handler(models, backends={"gathering": gathering, "gate": gate}) as h:
         yield h
 
 
@@ -269,18 +364,26 @@ async def test_llm_query_answers_tagged_with_run_and_counted(
     # the traceback ends at the model's own call, not inside the worker
     assert failed.error.traceback.rstrip().splitlines()[-2].strip() == "llm_query('x', model='nope')"
     assert "sandbox" not in failed.error.traceback
+    # the error's code travelled as a field, not only inside the text
+    code = (
+        "try:\n    llm_query('x', model='nope')\nexcept LLMQueryError as e:\n    print(e.code, e.retryable)"
+    )
+    caught = ok(await session.exec(code))
+    assert caught.stdout == "unknown_model False\n"
     await session.close()
 
 
-async def test_100_batched_sub_calls_at_300ms_take_under_a_second(client: AsyncSandboxClient) -> None:
-    session = await client.open(run="r-batch", sub_model="slow")
-    started = time.monotonic()
+async def test_100_batched_sub_calls_are_in_flight_at_once(
+    client: AsyncSandboxClient, gathering: Gathering
+) -> None:
+    # The backend answers only once all 100 are in flight: sequential calls would never finish.
+    # How long a batch takes against a slow model is bench/bench_sandbox.py's job.
+    session = await client.open(run="r-batch", sub_model="gathering")
     result = ok(
         await session.exec("answers = llm_query_batched([f'p{i}' for i in range(100)])\nlen(answers)")
     )
-    elapsed = time.monotonic() - started
     assert result.stdout == "100\n"
-    assert elapsed < 1.0, f"100 batched sub-calls at 300 ms took {elapsed:.2f} s"
+    assert (gathering.seen, gathering.peak) == (100, 100)
     assert result.llm_calls == 100
     in_order = ok(await session.exec("answers == [f'p{i}' for i in range(100)]"))
     assert in_order.stdout == "True\n"
@@ -299,12 +402,10 @@ async def test_a_failed_batch_prompt_is_named(client: AsyncSandboxClient, handle
     await session.close()
 
 
-async def test_40mb_context_is_loaded_fast_and_whole(client: AsyncSandboxClient) -> None:
+async def test_40mb_context_is_loaded_whole(client: AsyncSandboxClient) -> None:
+    # How fast it opens is measured by bench/bench_sandbox.py, not asserted here.
     text = ("0123456789 abcdefghi\n" * 2_000_000)[:40_000_000]
-    started = time.monotonic()
     session = await client.open(run="r-big", context=text)
-    open_s = time.monotonic() - started
-    assert open_s < 1.0, f"opening a 40 MB session took {open_s:.2f} s"
     assert (session.info.context_type, session.info.context_length) == ("str", 40_000_000)
     assert session.info.context_chars == 40_000_000
     result = ok(await session.exec("len(context), context[:10], context[-3:]"))
@@ -387,8 +488,12 @@ async def test_rlm_query_round_trip_through_the_orchestrator(client: AsyncSandbo
         seen.append((prompt, context))
         if prompt == "boom":
             raise RuntimeError("child run failed")
-        await asyncio.sleep(0.01)  # answered asynchronously while the code waits
-        return f"child says {prompt}"
+        if prompt == "late":
+            raise TransportTimeout("the child's model did not answer")
+        # answered on a later turn of the event loop, while the code waits
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(answer.set_result, f"child says {prompt}")
+        return await answer
 
     session = await client.open(run="r-rlm", max_depth=2, on_rlm_query=child_run)
     result = ok(
@@ -399,7 +504,14 @@ async def test_rlm_query_round_trip_through_the_orchestrator(client: AsyncSandbo
     failed = await session.exec("rlm_query('boom')")
     assert failed.error is not None
     assert failed.error.type == "RLMQueryError"
-    assert "child run failed" in failed.error.message
+    assert failed.error.message == "rlm_query failed: (rlm_failed) RuntimeError: child run failed"
+    # code and retryable reach the model's code as they left the orchestrator
+    caught = ok(
+        await session.exec(
+            "try:\n    rlm_query('late')\nexcept RLMQueryError as e:\n    print(e.code, e.retryable, e)"
+        )
+    )
+    assert caught.stdout == "timeout True rlm_query failed: (timeout) the child's model did not answer\n"
     await session.close()
 
 
@@ -475,7 +587,7 @@ async def test_unknown_and_closed_sessions(client: AsyncSandboxClient, pool: Poo
     await session.close()  # idempotent
     with pytest.raises(SandboxError) as closed:
         await session.exec("1")
-    assert closed.value.code == SandboxCode.UNKNOWN_SESSION
+    assert closed.value.code == ErrorCode.UNKNOWN_SESSION
     await pool.wait_cleaned()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the worker is gone, never handed to another session
@@ -484,7 +596,7 @@ async def test_unknown_and_closed_sessions(client: AsyncSandboxClient, pool: Poo
     await fresh.close()
 
 
-async def test_busy_session_and_max_sessions(handler: Handler, actx: zmq.asyncio.Context) -> None:
+async def test_busy_session_and_max_sessions(handler: Handler, gate: Gate, actx: zmq.asyncio.Context) -> None:
     async with (
         running_pool(handler.address or "", workers=1, max_sessions=1) as pool,
         AsyncSandboxClient(pool.address or "", context=actx) as client,
@@ -494,12 +606,13 @@ async def test_busy_session_and_max_sessions(handler: Handler, actx: zmq.asyncio
             await client.open(run="r-max")
         assert full.value.code == ErrorCode.OVERLOADED
         assert full.value.retryable
-        slow = asyncio.ensure_future(session.exec("llm_query('x', model='slow')"))
-        await asyncio.sleep(0)  # the first exec's request leaves before the second's
+        running = asyncio.ensure_future(session.exec("llm_query('x', model='gate')"))
+        assert await asyncio.wait_for(gate.arrived.get(), 10) == "x"  # the first exec is running
         with pytest.raises(SandboxError) as busy:
             await session.exec("1")
-        assert busy.value.code == SandboxCode.SESSION_BUSY
-        ok(await slow)
+        assert busy.value.code == ErrorCode.SESSION_BUSY
+        gate.opened.set()
+        ok(await running)
         await session.close()
         again = await client.open(run="r-max")
         await again.close()
@@ -514,13 +627,12 @@ async def test_a_silent_worker_is_noticed_and_replaced(handler: Handler, actx: z
         ok(await session.exec("x = 1"))
         stopped = session.info.worker_pid
         os.kill(stopped, signal.SIGSTOP)  # alive but silent: hung, as far as anyone can tell
-        started = time.monotonic()
+        # Unnoticed, the exec would end at its 120 s timeout with code "timeout", not this:
         result = await session.exec("x")
         assert result.error is not None
         assert result.error.code == "worker_died"
         assert "silent" in result.error.message
         assert result.state_lost
-        assert time.monotonic() - started < 3.0
         result = ok(await session.exec("context"))
         assert result.stdout == "'kept'\n"
         assert session.info.worker_pid != stopped
@@ -556,25 +668,31 @@ async def test_workers_that_cannot_start_make_open_fail_clearly(
     ):
         with pytest.raises(SandboxError) as failed:
             await client.open(run="r-broken")
-        assert failed.value.code == SandboxCode.POOL_EXHAUSTED
+        assert failed.value.code == ErrorCode.POOL_EXHAUSTED
         assert failed.value.retryable
         assert "exited with status 1 before it was ready" in failed.value.message
 
 
-async def test_idle_sessions_expire(handler: Handler, actx: zmq.asyncio.Context) -> None:
-    settings: dict[str, Any] = {"workers": 1, "idle_timeout_s": 0.3, "heartbeat_interval_s": 0.1}
+async def test_idle_sessions_expire(handler: Handler, gate: Gate, actx: zmq.asyncio.Context) -> None:
     async with (
-        running_pool(handler.address or "", **settings) as pool,
+        running_pool(handler.address or "", workers=1, idle_timeout_s=60.0) as pool,
         AsyncSandboxClient(pool.address or "", context=actx) as client,
     ):
-        session = await client.open(run="r-idle")
-        async with asyncio.timeout(5):
-            while pool.snapshot()["sessions_open"]:
-                await asyncio.sleep(0.05)  # waiting for a condition, bounded: not a sync by sleep
+        idle = await client.open(run="r-idle")
+        working = await client.open(run="r-idle")
+        running = asyncio.ensure_future(working.exec("llm_query('w', model='gate')"))
+        assert await asyncio.wait_for(gate.arrived.get(), 10) == "w"
+        now = pool.sessions.clock()
+        # The housekeeping tick's check, run at chosen times instead of waiting for them.
+        assert pool.sessions.expire_idle(now + 30.0) == 0
+        assert pool.sessions.expire_idle(now + 61.0) == 1  # the session running code is not idle
         with pytest.raises(SandboxError) as expired:
-            await session.exec("1")
-        assert expired.value.code == SandboxCode.UNKNOWN_SESSION
+            await idle.exec("1")
+        assert expired.value.code == ErrorCode.UNKNOWN_SESSION
         assert pool.snapshot()["counters"]["sessions_expired"] == 1
+        gate.opened.set()
+        ok(await running)
+        await working.close()
 
 
 async def test_ping_and_stats(client: AsyncSandboxClient) -> None:
@@ -611,7 +729,7 @@ async def test_cli_serves_until_sigterm(handler: Handler, tmp_path: Path, actx: 
     config.write_text("[sandbox]\nworkers = 1\nexec_timeout_s = 30.0\n")
     script = (
         "import argparse, logging, sys\n"
-        "from sandbox import cli\n"
+        "from rlmq.sandbox import cli\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "p = argparse.ArgumentParser(); cli.add_arguments(p)\n"
         "sys.exit(cli.main(p.parse_args(sys.argv[1:])))\n"

@@ -1,7 +1,7 @@
 """Hostile code in real worker processes. Each test ends with the pool still serving new sessions.
 
 Run as root (this machine, CI) the workers drop to their own uid and get a pids cgroup; the
-assertions that need that skip otherwise. The bubblewrap tests skip when bwrap is not installed.
+tests that need that, or bubblewrap, say so with ``requires`` (a skip that fails under CI).
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import zmq.asyncio
+from conftest import requires
 
 from rlmq.lmhandler.backends import Backend, BackendRequest, Completion
 from rlmq.lmhandler.server import Handler
@@ -25,8 +25,8 @@ from rlmq.sandbox import Pool, procs
 from rlmq.sandbox.isolation import CGROUP_V1_PIDS
 from rlmq.sandbox.testing import running_pool
 
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="uid drop and cgroups need the pool to run as root")
-NEEDS_BWRAP = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
+ROOT_ONLY = requires(os.geteuid() == 0, "root (uid drop and cgroups need the pool to run as root)")
+NEEDS_BWRAP = requires(shutil.which("bwrap") is not None, "bubblewrap (bwrap)")
 
 
 class SignallingEcho(Backend):
@@ -118,9 +118,8 @@ async def test_infinite_loop_times_out_and_the_session_continues(client: AsyncSa
     session = await client.open(run="r-loop", context="kept context")
     await session.exec("x = 1")
     old_pid = session.info.worker_pid
-    started = time.monotonic()
+    # the typed result says the exec deadline stopped it; how soon is not asserted here
     result = await session.exec("while True:\n    pass", timeout_s=1.0)
-    assert time.monotonic() - started < 3.0
     assert result.error is not None
     assert result.error.code == "timeout"
     assert "killed after 1 s" in result.error.message
@@ -248,9 +247,8 @@ async def test_a_worker_killed_from_outside_mid_exec(
     assert await asyncio.wait_for(signalling.arrived.get(), 10) == "sleeping now"
     killed = session.info.worker_pid
     os.kill(killed, 9)
-    started = time.monotonic()
+    # Noticed as a death (its pidfd), not by the exec deadline (20 s, code "timeout").
     result: ExecResult = await asyncio.wait_for(running, 10)
-    assert time.monotonic() - started < 2.0
     assert result.error is not None
     assert result.error.code == "worker_died"
     assert "SIGKILL" in result.error.message

@@ -10,7 +10,6 @@ The client lives in ``protocol``, not in ``sandbox``, because the orchestrator m
 readers are ``rlmq.protocol.fields``, shared with the handler protocol.
 """
 
-from ..errors import ErrorCode
 from .client import AsyncSandboxClient, RlmCallback, SandboxError, Session
 from .context import CONTEXT_FORMATS, ContextFormat, context_shape, decode_context, encode_context
 from .messages import (
@@ -38,9 +37,6 @@ from .messages import (
     split_delimited,
 )
 
-# The sandbox's codes joined ErrorCode (one registry); this name goes once its users have moved.
-SandboxCode = ErrorCode
-
 __all__ = [
     "CONTEXT_FORMATS",
     "EXEC_ERROR_CODES",
@@ -60,7 +56,6 @@ __all__ = [
     "RlmCallback",
     "RlmQuery",
     "RlmResult",
-    "SandboxCode",
     "SandboxError",
     "SandboxPing",
     "SandboxPong",
