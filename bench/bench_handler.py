@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+from pathlib import Path
 
 from _common import (
     checkout,
@@ -46,6 +47,13 @@ def main() -> None:
     parser.add_argument(
         "--baseline", metavar="GITREF", help="also measure the handler of this git revision, in the same run"
     )
+    parser.add_argument(
+        "--code",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also measure the handler of this source tree (a directory holding rlmq/), in the same run",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     requests = args.requests or (3_000 if args.quick else 40_000)
@@ -59,6 +67,8 @@ def main() -> None:
         factories.append(functools.partial(start_handler, loop="uvloop"))
     if args.baseline:
         factories.append(functools.partial(start_handler, code=checkout(args.baseline)))
+    for tree in args.code:
+        factories.append(functools.partial(start_handler, code=Path(tree).resolve()))
 
     points = []
     with servers(factories) as running:

@@ -1,10 +1,51 @@
 """The LM handler: the one process that holds API keys and relays every model call.
 
 Budgets, caching, retries, pacing and usage counters are enforced here, for every orchestrator
-and sandbox that shares it.
+and sandbox that shares it. Rooms: ``transport`` (the ROUTER socket), ``pipeline`` (what every
+``complete`` goes through), ``server`` (the ``Handler``: life cycle and the other ops).
+
+Errors (each carries the wire ``code`` it is answered with)::
+
+    RlmqError (rlmq.protocol)
+    ├── ConfigError                 the TOML file or a setting (rlmq.protocol's, re-exported)
+    └── HandlerError                internal: the handler's own subtree
+        ├── UnknownModel            unknown_model
+        ├── UnknownRun              bad_request: run_close / usage of a run never seen
+        ├── Overloaded              overloaded: max_in_flight requests already in flight
+        ├── RequestTimeout          timeout: no answer within the request's (or run's) time
+        ├── ShuttingDown            unavailable: the handler stopped first
+        ├── BudgetExceeded          budget_exceeded (accounting)
+        ├── RunClosed               run_closed (accounting)
+        ├── CircuitOpen             unavailable: the provider looks down (shaping)
+        └── BackendError            the provider's failure mapped to a code (backends.base):
+                                    rate_limited, backend_error, timeout, overloaded,
+                                    unauthorized, bad_request, script_exhausted, ...
 """
 
-from .config import ConfigError, HandlerConfig, ModelConfig, load_config, parse_config
-from .server import Handler
+from rlmq.protocol import ConfigError
 
-__all__ = ["ConfigError", "Handler", "HandlerConfig", "ModelConfig", "load_config", "parse_config"]
+from .accounting import BudgetExceeded, RunClosed
+from .backends.base import BackendError
+from .config import HandlerConfig, ModelConfig, load_config, parse_config
+from .errors import HandlerError, Overloaded, RequestTimeout, ShuttingDown, UnknownModel, UnknownRun
+from .server import Handler
+from .shaping import CircuitOpen
+
+__all__ = [
+    "BackendError",
+    "BudgetExceeded",
+    "CircuitOpen",
+    "ConfigError",
+    "Handler",
+    "HandlerConfig",
+    "HandlerError",
+    "ModelConfig",
+    "Overloaded",
+    "RequestTimeout",
+    "RunClosed",
+    "ShuttingDown",
+    "UnknownModel",
+    "UnknownRun",
+    "load_config",
+    "parse_config",
+]

@@ -14,7 +14,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from rlmq.protocol import RunLimits, RunUsage, Usage
+from rlmq.protocol import ErrorCode, RunLimits, RunUsage, Usage
+
+from .errors import HandlerError
 
 __all__ = ["BudgetExceeded", "Run", "RunClosed", "RunTable"]
 
@@ -22,14 +24,23 @@ __all__ = ["BudgetExceeded", "Run", "RunClosed", "RunTable"]
 MAX_CLOSED_RUNS = 10_000
 
 
-class BudgetExceeded(Exception):
+class BudgetExceeded(HandlerError):
+    """A run's limit (``limit`` names it) refuses the call."""
+
+    code = ErrorCode.BUDGET_EXCEEDED
+
     def __init__(self, limit: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, retryable=False)
         self.limit = limit
 
 
-class RunClosed(Exception):
-    pass
+class RunClosed(HandlerError):
+    """A call for a run that ``run_close`` has closed."""
+
+    code = ErrorCode.RUN_CLOSED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
 
 
 @dataclass(slots=True)

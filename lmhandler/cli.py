@@ -57,7 +57,7 @@ async def _serve(handler: Handler) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, env=os.environ)
     except ConfigError as exc:
         log.error("%s", exc.message)
         return 2

@@ -1,8 +1,10 @@
 """The handler's settings: frozen dataclasses built once from the TOML file and the environment.
 
-Only ``load_config`` reads the file and ``os.environ`` (for the API key variables the file
-names); everything else receives a ``HandlerConfig``. Unknown keys are errors naming the key and
-the file, because a misspelt ``max_concurency`` silently ignored is a production incident.
+Only ``load_config`` reads the file; the environment (for the API key variables the file names)
+is an argument, handed in by the entry point (``rlmq handler`` passes ``os.environ``): no
+function here reads ``os.environ`` on its own. Everything else receives a ``HandlerConfig``.
+Unknown keys are errors naming the key and the file, because a misspelt ``max_concurency``
+silently ignored is a production incident.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlmq.protocol import DEFAULT_MAX_MESSAGE_BYTES, RlmqError
+from rlmq.protocol import DEFAULT_MAX_MESSAGE_BYTES, ConfigError
 from rlmq.protocol.tables import check_table, field_kinds, read_toml
 
 __all__ = [
@@ -32,10 +34,6 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 OTHER_TABLES = frozenset({"sandbox", "run"})
 # echo and script are not a provider to protect: let them run as wide as the handler allows.
 OFFLINE_CONCURRENCY = 100_000
-
-
-class ConfigError(RlmqError):
-    """A configuration file that cannot be used as written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +140,9 @@ def _model(alias: str, table: Any, source: str, env: Mapping[str, str]) -> Model
 def parse_config(
     data: Mapping[str, Any], *, source: str = "<memory>", env: Mapping[str, str] | None = None
 ) -> HandlerConfig:
-    """Build a ``HandlerConfig`` from an already parsed TOML document."""
-    env = os.environ if env is None else env
+    """Build a ``HandlerConfig`` from an already parsed TOML document. ``env`` resolves the
+    ``api_key_env`` names; ``None`` is an empty environment (no keys)."""
+    env = {} if env is None else env
     unknown = sorted(set(data) - {"models", "handler", *OTHER_TABLES})
     if unknown:
         raise ConfigError(
@@ -161,6 +160,7 @@ def parse_config(
     return HandlerConfig(models=models, source=source, **handler)
 
 
-def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> HandlerConfig:
-    """Read and validate a TOML config file."""
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str]) -> HandlerConfig:
+    """Read and validate a TOML config file; ``env`` is the environment its ``api_key_env`` names
+    are looked up in (the entry point's ``os.environ``, or a test's own mapping)."""
     return parse_config(read_toml(path, error=ConfigError), source=str(path), env=env)

@@ -27,6 +27,10 @@ import contextlib
 import time
 from typing import Any
 
+from rlmq.protocol import ErrorCode
+
+from .errors import HandlerError
+
 __all__ = ["AdaptiveLimit", "CircuitBreaker", "CircuitOpen", "RetryBudget"]
 
 
@@ -57,9 +61,15 @@ class AdaptiveLimit:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody waits for one, without waiting."""
         if self.in_flight < int(self.limit) and not self._waiters:
             self.in_flight += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
@@ -152,9 +162,13 @@ class RetryBudget:
         return {"balance": round(self.balance, 2), "refused": self.refused}
 
 
-class CircuitOpen(Exception):
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"circuit open for {retry_after_s:.1f} s more")
+class CircuitOpen(HandlerError):
+    """The provider looks down: calls fail fast, retryable after ``retry_after_s``."""
+
+    code = ErrorCode.UNAVAILABLE
+
+    def __init__(self, retry_after_s: float, message: str | None = None) -> None:
+        super().__init__(message or f"circuit open for {retry_after_s:.1f} s more", retryable=True)
         self.retry_after_s = retry_after_s
 
 

@@ -7,7 +7,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelStats", "percentiles"]
+__all__ = ["ModelStats", "ServerStats", "percentiles"]
 
 LATENCY_WINDOW = 10_000
 
@@ -34,6 +34,7 @@ class ModelStats:
     retries: int = 0
     cache_hits: int = 0
     rate_limited: int = 0  # 429s seen from the provider
+    retry_wait_s: float = 0.0  # backoff waited before retries (Retry-After or exponential); in-process only
     errors: Counter[str] = field(default_factory=Counter)
     input_tokens: int = 0
     output_tokens: int = 0

@@ -7,6 +7,7 @@ async with running_handler({"root": echo_model(latency_ms=50)}) as handler:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from collections.abc import AsyncIterator, Mapping
@@ -21,7 +22,7 @@ from .backends import Backend, BackendError, BackendRequest, Completion, estimat
 from .config import HandlerConfig, parse_config
 from .server import Handler
 
-__all__ = ["ScriptedModel", "echo_model", "ipc_address", "running_handler", "script_model"]
+__all__ = ["HeldModel", "ScriptedModel", "echo_model", "ipc_address", "running_handler", "script_model"]
 
 
 class ScriptedModel(Backend):
@@ -50,6 +51,47 @@ class ScriptedModel(Backend):
                 retryable=False,
             )
         text = queue.pop(0)
+        prompt = sum(estimate_tokens(m.content) for m in request.messages)
+        return Completion(text, request.model, Usage(prompt, estimate_tokens(text)), "end_turn")
+
+
+class HeldModel(Backend):
+    """Echoes the last user message, but holds every call until released: a test can then see
+    how many calls are in the backend at once, without timing anything.
+
+    ``await model.entered(n)`` returns once ``n`` calls are held; ``release()`` lets every held
+    and future call through. With ``open_at=n`` the model releases itself when ``n`` calls are
+    held at once (so it answers only if the handler really runs ``n`` calls concurrently).
+    """
+
+    def __init__(self, *, open_at: int | None = None) -> None:
+        self.open_at = open_at
+        self.calls = 0
+        self.held = 0
+        self.peak = 0  # the most calls held at once
+        self._open = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def entered(self, n: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.held >= n or self._open.is_set())
+
+    async def complete(self, request: BackendRequest) -> Completion:
+        self.calls += 1
+        async with self._changed:
+            self.held += 1
+            self.peak = max(self.peak, self.held)
+            if self.open_at is not None and self.held >= self.open_at:
+                self._open.set()
+            self._changed.notify_all()
+        try:
+            await self._open.wait()
+        finally:
+            self.held -= 1
+        text = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         prompt = sum(estimate_tokens(m.content) for m in request.messages)
         return Completion(text, request.model, Usage(prompt, estimate_tokens(text)), "end_turn")
 

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import pytest
 
 from rlmq.lmhandler.config import OFFLINE_CONCURRENCY, ConfigError, load_config, parse_config
-from rlmq.lmhandler.pacing import TokenBucket
+from rlmq.protocol import ConfigError as ProtocolConfigError
 
 GOOD = """
 [handler]
@@ -88,7 +86,7 @@ def test_bad_configs_name_the_problem_and_the_file(tmp_path: Path, text: str, fr
 
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config("/nonexistent/rlmq.toml")
+        load_config("/nonexistent/rlmq.toml", env={})
 
 
 def test_script_path_is_relative_to_the_config(tmp_path: Path) -> None:
@@ -101,12 +99,17 @@ def test_parse_config_in_memory() -> None:
     assert config.models["e"].model == "e"
 
 
-async def test_token_bucket_paces_a_burst() -> None:
-    bucket = TokenBucket(per_minute=600, burst_s=1.0)  # 10 a second, burst of 10
-    started = time.monotonic()
-    await asyncio.gather(*(bucket.acquire() for _ in range(15)))
-    # 10 go at once, 5 more need half a second of refill
-    assert time.monotonic() - started >= 0.45
-    assert TokenBucket(per_minute=600).capacity == 2  # the default burst: a fifth of a second
-    bucket.adjust(-100)  # refunds never exceed the capacity
-    assert bucket.level <= bucket.capacity
+def test_the_environment_is_an_argument_never_read_behind_the_callers_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_KEY", "sk-from-os-environ")
+    path = write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=r"\$TEST_KEY, which is not set"):
+        load_config(path, env={})  # os.environ has the key; the caller's environment does not
+    with pytest.raises(ConfigError, match="TEST_KEY"):
+        parse_config({"models": {"root": {"backend": "anthropic", "model": "c", "api_key_env": "TEST_KEY"}}})
+    assert load_config(path, env={"TEST_KEY": "sk-given"}).models["root"].api_key == "sk-given"
+
+
+def test_config_error_is_the_one_of_rlmq_protocol() -> None:
+    assert ConfigError is ProtocolConfigError

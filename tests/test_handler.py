@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from pathlib import Path
 
 import msgpack
@@ -14,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from rlmq.lmhandler.backends import Backend, BackendError, BackendRequest, Completion
-from rlmq.lmhandler.testing import echo_model, ipc_address, running_handler, script_model
+from rlmq.lmhandler.testing import HeldModel, echo_model, ipc_address, running_handler, script_model
 from rlmq.protocol import (
     AsyncHandlerClient,
     ErrorCode,
@@ -27,17 +26,18 @@ from rlmq.protocol import (
 
 
 class FlakyBackend(Backend):
-    """Fails with the given errors in order, then answers."""
+    """Fails with the given errors in order, then answers; with a ``gate``, every call waits
+    for it first."""
 
-    def __init__(self, errors: list[BackendError], latency_s: float = 0.0) -> None:
+    def __init__(self, errors: list[BackendError], gate: asyncio.Event | None = None) -> None:
         self.errors = list(errors)
         self.calls = 0
-        self.latency_s = latency_s
+        self.gate = gate
 
     async def complete(self, request: BackendRequest) -> Completion:
         self.calls += 1
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.errors:
             raise self.errors.pop(0)
         return Completion("fine", request.model, Usage(100, 10))
@@ -91,31 +91,31 @@ async def test_req_client_works_with_envelope_echo(actx: zmq.asyncio.Context) ->
 
 
 async def test_500_concurrent_requests_overlap(actx: zmq.asyncio.Context) -> None:
+    # The model answers none until all 500 are in it at once: only a handler that runs them
+    # concurrently gets any answer at all.
+    model = HeldModel(open_at=500)
     async with (
-        running_handler({"root": echo_model(latency_ms=200)}) as handler,
+        running_handler({"root": echo_model()}, backends={"root": model}) as handler,
         AsyncHandlerClient(handler.address or "", context=actx) as client,
     ):
-        started = time.monotonic()
         replies = await asyncio.gather(*(client.complete(f"q{i}", model="root") for i in range(500)))
-        elapsed = time.monotonic() - started
     assert [r.text for r in replies] == [f"q{i}" for i in range(500)]
-    # One after another this is 100 s; concurrently it is one latency plus overhead.
-    assert elapsed < 2.0
+    assert model.peak == 500
 
 
 def test_blocking_client_batch_is_concurrent(zctx: zmq.Context) -> None:  # type: ignore[type-arg]
     async def main() -> None:
-        async with running_handler({"root": echo_model(latency_ms=300)}) as handler:
+        model = HeldModel(open_at=100)  # answers only once the whole batch is in flight at once
+        async with running_handler({"root": echo_model()}, backends={"root": model}) as handler:
 
             def batch() -> list[str]:
                 with HandlerClient(handler.address or "", context=zctx, run="r1") as client:
                     replies = client.complete_many([f"x{i}" for i in range(100)], model="root")
                     return [r.text if hasattr(r, "text") else "ERR" for r in replies]
 
-            started = time.monotonic()
             texts = await asyncio.to_thread(batch)
-            assert time.monotonic() - started < 3.0  # serial would be 30 s
             assert texts == [f"x{i}" for i in range(100)]
+            assert model.peak == 100
             assert handler.runs.get("r1").calls == 100
 
     asyncio.run(main())
@@ -177,11 +177,11 @@ async def test_deadline_budget_and_timeout_clamp(actx: zmq.asyncio.Context) -> N
         AsyncHandlerClient(handler.address or "", context=actx) as client,
     ):
         await client.run_open("r", RunLimits(deadline_s=0.3))
-        started = time.monotonic()
         with pytest.raises(RemoteError) as info:
+            # The model takes 2 s and the request's own timeout is the default 120 s: a timeout
+            # here can only be the run's deadline, clamping the call's.
             await client.complete("slow", model="root", run="r")
-        assert info.value.code == ErrorCode.TIMEOUT  # the call is cut at the run's deadline
-        assert time.monotonic() - started < 1.5
+        assert info.value.code == ErrorCode.TIMEOUT
         with pytest.raises(RemoteError) as info:
             await client.complete("late", model="root", run="r")
         assert info.value.code == ErrorCode.BUDGET_EXCEEDED
@@ -193,9 +193,9 @@ async def test_retries_honour_retry_after_and_are_counted(actx: zmq.asyncio.Cont
         running_handler({"m": echo_model()}, backends={"m": backend}, retry_base_s=0.001) as handler,
         AsyncHandlerClient(handler.address or "", context=actx) as client,
     ):
-        started = time.monotonic()
         reply = await client.complete("x", model="m")
-        assert time.monotonic() - started >= 0.1  # two waits of Retry-After
+        # Two waits of Retry-After (plus at most 10% jitter each), not retry_base_s's backoff.
+        assert 0.1 <= handler.models["m"].stats.retry_wait_s <= 0.11 + 1e-9
         assert reply.retries == 2
         assert backend.calls == 3
         stats = (await client.stats())["models"]["m"]
@@ -246,16 +246,41 @@ async def test_request_timeout_is_typed(actx: zmq.asyncio.Context) -> None:
 
 
 async def test_cache_hits_are_marked_and_free(actx: zmq.asyncio.Context) -> None:
-    backend = FlakyBackend([], latency_s=0.05)
+    gate = asyncio.Event()
+    backend = FlakyBackend([], gate=gate)
     async with (
         running_handler({"m": echo_model(cache_entries=16)}, backends={"m": backend}) as handler,
         AsyncHandlerClient(handler.address or "", context=actx) as client,
     ):
         await client.run_open("r", RunLimits(max_calls=1))
-        # Five identical requests at once: one backend call, the others share it.
-        replies = await asyncio.gather(*(client.complete("same", model="m", run="r") for _ in range(5)))
+        # Five identical requests at once: one backend call, the others share it. A `ping` sent
+        # after them on the same socket is answered in the same drain that took all five in (one
+        # connection's messages are handled in order), and their first steps run before this
+        # task sees the reply: the first is then held in the backend and the others wait on it.
+        sock = actx.socket(zmq.DEALER)
+        sock.connect(handler.address or "")
+        try:
+            for i in range(5):
+                request = {
+                    "v": 1,
+                    "op": "complete",
+                    "id": f"c{i}",
+                    "model": "m",
+                    "prompt": "same",
+                    "run": "r",
+                }
+                await sock.send(pack(request))
+            await sock.send(pack({"v": 1, "op": "ping", "id": "p"}))
+            assert msgpack.unpackb(await asyncio.wait_for(sock.recv(), 5))["id"] == "p"
+            assert handler.models["m"].stats.requests == 5
+            assert backend.calls == 1
+            gate.set()
+            replies = [msgpack.unpackb(await asyncio.wait_for(sock.recv(), 5)) for _ in range(5)]
+        finally:
+            sock.close(linger=0)
+        assert all(r["ok"] and r["text"] == "fine" for r in replies)
         assert backend.calls == 1
-        assert sorted(r.cached for r in replies) == [False, True, True, True, True]
+        assert sorted(r["cached"] for r in replies) == [False, True, True, True, True]
         again = await client.complete("same", model="m", run="r")  # over max_calls, but free
         assert again.cached
         assert again.text == "fine"
@@ -342,17 +367,20 @@ async def test_malformed_input_gets_errors_and_handler_lives(actx: zmq.asyncio.C
 
 
 async def test_shutdown_finishes_or_fails_every_request(actx: zmq.asyncio.Context) -> None:
+    fast_model, slow_model = HeldModel(), HeldModel()  # slow is never released
     async with (
         running_handler(
-            {"fast": echo_model(latency_ms=100), "slow": echo_model(latency_ms=10_000)}
+            {"fast": echo_model(), "slow": echo_model()}, backends={"fast": fast_model, "slow": slow_model}
         ) as handler,
         AsyncHandlerClient(handler.address or "", context=actx) as client,
     ):
         fast = [asyncio.ensure_future(client.complete("f", model="fast")) for _ in range(20)]
         slow = [asyncio.ensure_future(client.complete("s", model="slow")) for _ in range(20)]
-        while handler.stats.in_flight < 40:
-            await asyncio.sleep(0.01)
-        await handler.stop(grace_s=0.5)
+        await asyncio.wait_for(asyncio.gather(fast_model.entered(20), slow_model.entered(20)), 10)
+        assert handler.stats.in_flight == 40
+        stopping = asyncio.ensure_future(handler.stop(grace_s=1.0))
+        fast_model.release()  # the fast ones finish within the grace period; the slow ones cannot
+        await stopping
         done = await asyncio.gather(*fast, *slow, return_exceptions=True)
     assert all(getattr(r, "text", None) == "f" for r in done[:20])
     assert all(

@@ -1,10 +1,13 @@
-"""The handler's transport: no message stranded by ZeroMQ's edge-triggered descriptor, REQ and
-extra envelope frames on the inline path, and inline calls that turn out to wait.
+"""The handler's transport (rlmq.lmhandler.transport): no message stranded by ZeroMQ's
+edge-triggered descriptor, REQ and extra envelope frames on the inline path, and inline calls
+that turn out to wait.
 
-The handler drives a synchronous ROUTER from the event loop through the edge-triggered FD,
-answers latency-0 ``echo`` calls inline, and batches replies; the tests below would catch a
-message left stranded in the socket (each waits for its replies without sending anything more,
-so nothing else would wake the handler).
+The transport drives a synchronous ROUTER from the event loop through the edge-triggered FD and
+batches replies, and the pipeline answers latency-0 ``echo`` calls inline; the tests below would
+catch a message left stranded in the socket (each waits for its replies without sending anything
+more, so nothing else would wake the handler). Their ``asyncio.sleep`` calls shape the load
+(bursts, pauses, a request landing while a reply goes out): they are the traffic pattern under
+test, not synchronisation.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from rlmq.lmhandler import server as server_module
 from rlmq.lmhandler.backends import Backend, BackendError, BackendRequest, Completion
 from rlmq.lmhandler.testing import echo_model, running_handler
 from rlmq.protocol import (
@@ -112,6 +114,7 @@ async def test_a_send_that_eats_the_fd_signal_strands_nothing(
     async with running_handler({"fast": echo_model()}) as handler:
         address = handler.address or ""
         go = threading.Event()
+        warmed_up = threading.Event()
         answered: list[Any] = []
 
         def late_client() -> None:
@@ -122,6 +125,7 @@ async def test_a_send_that_eats_the_fd_signal_strands_nothing(
                 assert sock.poll(5000)
                 sock.recv()
                 answered.append("ready")
+                warmed_up.set()
                 go.wait(10)
                 sock.send(_complete("late", "fast"))
                 if sock.poll(5000):
@@ -129,24 +133,27 @@ async def test_a_send_that_eats_the_fd_signal_strands_nothing(
             finally:
                 sock.close(linger=0)
 
-        original_flush = handler._flush
+        transport = handler.transport
+        assert transport is not None
+        original_flush = transport.flush
         armed = threading.Event()
         eaten: list[int] = []
 
         def flush_that_eats_the_signal() -> None:
-            if armed.is_set() and not eaten and handler._outbox:
+            if armed.is_set() and not eaten and transport.outbox:
                 go.set()  # the late request is sent now, while this flush holds the loop
-                time.sleep(0.05)  # ...and reaches the handler's socket meanwhile
-                assert handler._sock is not None
-                eaten.append(handler._sock.getsockopt(zmq.EVENTS))  # what a send may do
+                # ...and reaches the handler's socket meanwhile. The loop is held on purpose
+                # (this is the race being forced); POLLIN below proves the request did arrive.
+                time.sleep(0.05)
+                eaten.append(transport.sock.getsockopt(zmq.EVENTS))  # what a send may do
             original_flush()
 
-        monkeypatch.setattr(handler, "_flush", flush_that_eats_the_signal)
+        monkeypatch.setattr(transport, "flush", flush_that_eats_the_signal)
         thread = threading.Thread(target=late_client)
         thread.start()
         try:
-            while not answered:
-                await asyncio.sleep(0.01)
+            await asyncio.to_thread(warmed_up.wait, 10)  # the late client is connected
+            assert answered == ["ready"]
             first = actx.socket(zmq.DEALER)
             first.connect(address)
             try:
@@ -193,19 +200,23 @@ async def test_req_clients_and_extra_envelope_frames_through_the_fast_path(
 
 
 class _WaitsAfterAll(Backend):
-    """Claims latency 0 but awaits: the inline step must hand it to a task, not lose it."""
+    """Claims to answer at once but awaits: the inline step must hand it to a task, not lose it."""
 
-    latency_s = 0.0
+    @property
+    def answers_at_once(self) -> bool:
+        return True
 
     async def complete(self, request: BackendRequest) -> Completion:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the model's latency
         return Completion(request.messages[-1].content, "waits", Usage(1, 1))
 
 
 class _FailsOnceAtOnce(Backend):
-    """Raises a retryable error without awaiting, then answers: retried by the task path."""
+    """Raises a retryable error without awaiting, then answers: the backoff hands it to a task."""
 
-    latency_s = 0.0
+    @property
+    def answers_at_once(self) -> bool:
+        return True
 
     def __init__(self) -> None:
         self.calls = 0
@@ -217,10 +228,7 @@ class _FailsOnceAtOnce(Backend):
         return Completion("second time", "flaky", Usage(1, 1))
 
 
-async def test_inline_backend_that_waits_is_carried_on_by_a_task(
-    actx: zmq.asyncio.Context, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(server_module, "_INLINE_BACKENDS", (_WaitsAfterAll, _FailsOnceAtOnce))
+async def test_inline_backend_that_waits_is_carried_on_by_a_task(actx: zmq.asyncio.Context) -> None:
     flaky = _FailsOnceAtOnce()
     async with running_handler(
         {"waits": echo_model(), "flaky": echo_model()},

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import zmq.asyncio
 
-from rlmq.lmhandler.fakeprovider import FakeProvider, FakeProviderConfig
+from rlmq.fakeprovider import FakeProvider, FakeProviderConfig
 from rlmq.lmhandler.testing import echo_model, running_handler
 from rlmq.protocol import AsyncHandlerClient, CompleteReply, ErrorCode, RemoteError
 
@@ -77,9 +77,7 @@ async def test_provider_down_fails_fast_others_serve_traffic_resumes(
         running_handler(models, env={"K": "k"}, retry_base_s=0.01, retry_max_s=0.02) as h,
         AsyncHandlerClient(h.address or "", context=actx) as client,
     ):
-        started = time.monotonic()
-        replies = await burst(client, 20)
-        assert time.monotonic() - started < 10  # nothing hangs
+        replies = await burst(client, 20)  # each carries timeout_s: nothing can hang
         codes = {r.code for r in replies if isinstance(r, RemoteError)}
         assert len(codes) > 0
         assert all(isinstance(r, RemoteError) and r.retryable for r in replies)
@@ -90,14 +88,11 @@ async def test_provider_down_fails_fast_others_serve_traffic_resumes(
         assert stats["breaker"]["state"] == "open"
 
         async with FakeProvider(FakeProviderConfig(api_key="k"), port=port):  # the provider returns
-            deadline = time.monotonic() + 10
-            while True:
-                outcome = (await burst(client, 1))[0]
-                if not isinstance(outcome, RemoteError):
-                    break
-                assert outcome.retryable
-                assert time.monotonic() < deadline, "traffic did not resume"
-                await asyncio.sleep(0.1)
-            assert isinstance(outcome, CompleteReply)
+            # The breaker lets a probe through once its cooldown is over: wait out what is left
+            # of it (a wait for the clock the breaker itself reads, nothing else to wait on).
+            breaker = h.models["p"].breaker
+            await asyncio.sleep(max(0.0, breaker.opened_at + breaker.cooldown_s - time.monotonic()))
+            outcome = (await burst(client, 1))[0]
+            assert isinstance(outcome, CompleteReply), outcome
             assert outcome.text == "q0"
             assert (await client.stats())["models"]["p"]["breaker"]["state"] == "closed"

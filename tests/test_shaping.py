@@ -1,12 +1,14 @@
-"""Adaptive concurrency, retry budget and circuit breaker, with a fake clock."""
+"""Shaping: adaptive concurrency, retry budget, circuit breaker and rpm/tpm pacing, with fake clocks."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from rlmq.lmhandler import shaping
+from rlmq.lmhandler.pacing import TokenBucket
 from rlmq.lmhandler.shaping import AdaptiveLimit, CircuitBreaker, CircuitOpen, RetryBudget
 
 
@@ -23,6 +25,16 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
     monkeypatch.setattr(shaping.time, "monotonic", c)
     return c
+
+
+async def until(condition: Callable[[], bool], *, turns: int = 100) -> None:
+    """Let other tasks run until ``condition`` holds: a bounded number of event-loop turns, no
+    wall-clock time (each turn runs every callback that is ready)."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
 
 
 def window(limit: AdaptiveLimit, clock: Clock, attempts: int, refused: int) -> None:
@@ -59,7 +71,7 @@ async def test_waiter_dropped_by_wake_then_cancelled_is_clean() -> None:
     limit = AdaptiveLimit(1)
     await limit.acquire()
     waiter = asyncio.ensure_future(limit.acquire())
-    await asyncio.sleep(0)
+    await until(lambda: limit.waiting == 1)
     waiter.cancel()  # cancels the future it waits on at once...
     limit.release()  # ...so the release drops it before the waiter runs its handler
     with pytest.raises(asyncio.CancelledError):
@@ -79,11 +91,10 @@ async def test_limit_queues_in_order_and_admits_as_it_grows() -> None:
         order.append(i)
 
     tasks = [asyncio.ensure_future(wait(i)) for i in range(3)]
-    await asyncio.sleep(0)
-    assert limit.waiting == 3
+    await until(lambda: limit.waiting == 3)
     limit.release()
-    await asyncio.sleep(0)
-    assert order == [0]
+    await until(lambda: order == [0])
+    assert limit.waiting == 2
     limit.release()
     limit.release()
     await asyncio.gather(*tasks)
@@ -95,7 +106,7 @@ async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
     limit = AdaptiveLimit(1)
     await limit.acquire()
     waiter = asyncio.ensure_future(limit.acquire())
-    await asyncio.sleep(0)
+    await until(lambda: limit.waiting == 1)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
@@ -147,3 +158,22 @@ def test_rate_limits_and_client_errors_do_not_trip_the_breaker() -> None:
     breaker.on_failure(provider_down=False)  # an answer in between: the provider is up
     breaker.on_failure(provider_down=True)
     assert breaker.state == "closed"
+
+
+async def test_token_bucket_paces_a_burst() -> None:
+    now = [0.0]
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the fake clock moves only when the bucket waits
+        waits.append(seconds)
+        now[0] += seconds
+
+    bucket = TokenBucket(per_minute=600, burst_s=1.0, clock=lambda: now[0], sleep=sleep)  # 10/s, burst 10
+    await asyncio.gather(*(bucket.acquire() for _ in range(15)))
+    # 10 go at once, the other 5 wait a tenth of a second each for their refill
+    assert len(waits) == 5
+    assert sum(waits) == pytest.approx(0.5)
+    assert now[0] == pytest.approx(0.5)
+    assert TokenBucket(per_minute=600).capacity == 2  # the default burst: a fifth of a second
+    bucket.adjust(-100)  # refunds never exceed the capacity
+    assert bucket.level <= bucket.capacity

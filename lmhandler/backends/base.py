@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from rlmq.protocol import ChatMessage, ErrorCode, Usage
 
+from ..errors import HandlerError
+
 __all__ = [
     "Backend",
     "BackendError",
@@ -59,8 +61,9 @@ class Completion:
     stop_reason: str | None = None
 
 
-class BackendError(Exception):
-    """One failed attempt, already mapped to a wire error code.
+class BackendError(HandlerError):
+    """One failed attempt, already mapped to a wire error code (the foreign error mapped at the
+    backend, the boundary it crossed).
 
     ``retry_after_s`` carries the provider's Retry-After when it sent one; ``status`` the HTTP
     status when there was one (for stats and logs).
@@ -75,16 +78,27 @@ class BackendError(Exception):
         retry_after_s: float | None = None,
         status: int | None = None,
     ) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.retryable = retryable
+        self.code = code  # per instance: a backend error travels as whatever the provider said
+        super().__init__(message, retryable=retryable)
         self.retry_after_s = retry_after_s
         self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
 class Backend(ABC):
     """A model provider. One instance serves every call to one model alias, concurrently."""
+
+    @property
+    def answers_at_once(self) -> bool:
+        """Whether ``complete`` usually returns without suspending (an offline backend at 0 ms).
+
+        The handler then runs a call's pipeline inline in its receive loop instead of as a task
+        (no task, timer or context switch). A wrong answer costs speed, never correctness: a call
+        that suspends after all is carried on by a task from where it stopped.
+        """
+        return False
 
     @abstractmethod
     async def complete(self, request: BackendRequest) -> Completion:

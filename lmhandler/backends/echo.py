@@ -7,9 +7,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from rlmq.protocol import ErrorCode, Usage
+from rlmq.protocol import ConfigError, ErrorCode, Usage
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
 from .base import Backend, BackendError, BackendRequest, Completion, estimate_tokens
 
 __all__ = ["EchoBackend", "ScriptBackend"]
@@ -26,6 +26,10 @@ class EchoBackend(Backend):
     def __init__(self, config: ModelConfig) -> None:
         self.model = config.model
         self.latency_s = config.latency_ms / 1000.0
+
+    @property
+    def answers_at_once(self) -> bool:
+        return self.latency_s == 0
 
     async def complete(self, request: BackendRequest) -> Completion:
         if self.latency_s > 0:
@@ -49,6 +53,10 @@ class ScriptBackend(Backend):
             raise ConfigError(f"[models.{config.alias}] script {config.path} must be a JSON list of strings")
         self.responses: list[str] = data
         self._position: defaultdict[str | None, int] = defaultdict(int)
+
+    @property
+    def answers_at_once(self) -> bool:
+        return self.latency_s == 0
 
     async def complete(self, request: BackendRequest) -> Completion:
         if self.latency_s > 0:

@@ -1,0 +1,55 @@
+"""The root of the handler's errors, and the ones that belong to no single stage.
+
+Every error a ``complete`` can end in is a ``HandlerError`` carrying its wire ``code``, so the
+server answers all of them the same way (``ErrorInfo.of``). The whole subtree is drawn in the
+package docstring (``rlmq.lmhandler``).
+"""
+
+from __future__ import annotations
+
+from rlmq.protocol import ErrorCode, RlmqError
+
+__all__ = [
+    "HandlerError",
+    "Overloaded",
+    "RequestTimeout",
+    "ShuttingDown",
+    "UnknownModel",
+    "UnknownRun",
+]
+
+
+class HandlerError(RlmqError):
+    """Base of every error the handler raises on purpose; ``internal`` unless a subclass says."""
+
+    code = ErrorCode.INTERNAL
+
+
+class UnknownModel(HandlerError):
+    """A ``complete`` names a model alias the configuration does not have."""
+
+    code = ErrorCode.UNKNOWN_MODEL
+
+
+class UnknownRun(HandlerError):
+    """``run_close`` or ``usage`` for a run the handler has never seen (or has forgotten)."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class Overloaded(HandlerError):
+    """The handler already has ``max_in_flight`` requests in flight."""
+
+    code = ErrorCode.OVERLOADED
+
+
+class RequestTimeout(HandlerError):
+    """No answer within the request's timeout (clamped to its run's deadline), retries included."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class ShuttingDown(HandlerError):
+    """The handler stopped before the call finished."""
+
+    code = ErrorCode.UNAVAILABLE
