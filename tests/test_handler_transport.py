@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
 from typing import Any
 
 import msgpack
@@ -141,11 +140,12 @@ async def test_a_send_that_eats_the_fd_signal_strands_nothing(
 
         def flush_that_eats_the_signal() -> None:
             if armed.is_set() and not eaten and transport.outbox:
-                go.set()  # the late request is sent now, while this flush holds the loop
-                # ...and reaches the handler's socket meanwhile. The loop is held on purpose
-                # (this is the race being forced); POLLIN below proves the request did arrive.
-                time.sleep(0.05)
-                eaten.append(transport.sock.getsockopt(zmq.EVENTS))  # what a send may do
+                go.set()  # the late request is sent now, while this flush holds the loop...
+                # ...and we wait, holding the loop on purpose (the race being forced), until it
+                # is in the handler's socket. Polling processes ZeroMQ's commands just as a send
+                # may, so the FD's edge for it is gone: only the post-flush EVENTS check is left.
+                assert transport.sock.poll(5000, zmq.POLLIN)
+                eaten.append(transport.sock.getsockopt(zmq.EVENTS))
             original_flush()
 
         monkeypatch.setattr(transport, "flush", flush_that_eats_the_signal)
