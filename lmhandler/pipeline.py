@@ -38,7 +38,7 @@ from rlmq.protocol.codec import encode_complete_reply
 from .accounting import Run, RunTable
 from .backends import Backend, BackendError, BackendRequest, Completion, estimate_tokens
 from .cache import ResponseCache, cache_key
-from .config import HandlerConfig, ModelConfig
+from .config import OFFLINE_CONCURRENCY, HandlerConfig, ModelConfig
 from .deadlines import DeadlineWheel
 from .errors import HandlerError, Overloaded, RequestTimeout, ShuttingDown, UnknownModel
 from .pacing import TokenBucket
@@ -83,6 +83,9 @@ class Model:
         self._free = not any(prices)  # cost is 0 whatever the usage: skip the arithmetic
         # Stepped inline in the receive loop rather than started as a task (see the docstring).
         self.inline = backend.answers_at_once
+        # Breaker, adaptive concurrency and retry budget protect a provider; an offline backend
+        # has none, unless its concurrency was limited on purpose (a load test of the queue).
+        self.shaped = backend.has_provider or config.max_concurrency < OFFLINE_CONCURRENCY
 
     def cost_usd(self, usage: Usage) -> float:
         if self._free:
@@ -214,8 +217,9 @@ class Pipeline:
         mstats.in_flight += 1
         mstats.requests += 1
         try:
-            if model.cache is None:
-                payload = await self._relay(call, None)
+            if model.cache is None:  # _relay without the cache, one coroutine layer fewer
+                completion, retries = await self._attempts(call, self._admit(call))
+                payload = self._account(call, completion, retries)
             else:
                 payload = await self._through_cache(call, model.cache)
             mstats.ok += 1
@@ -254,30 +258,40 @@ class Pipeline:
                 self.runs.get(req.run).admit_cached()
             model.stats.cache_hits += 1
             return self._encode(call, hit, Usage(), cached=True, retries=0)
-        return await self._relay(call, (cache, key))
+        return await self._relay(call, cache, key)
 
-    async def _relay(self, call: _Call, cache_entry: tuple[ResponseCache, bytes] | None) -> Payload:
-        """Admission, then the backend with retries, then accounting: the reply's bytes."""
+    async def _relay(self, call: _Call, cache: ResponseCache, key: bytes) -> Payload:
+        """Admission, then the backend with retries, then accounting, while the cache holds the
+        key as pending so identical calls wait for this one. Admission and accounting are plain
+        functions: each coroutine layer costs a call stepped inline about half a microsecond."""
+        backend_req = self._admit(call)
+        cache.begin(key)
+        completion: Completion | None = None
+        try:
+            completion, retries = await self._attempts(call, backend_req)
+        finally:
+            cache.end(key, completion)
+        return self._account(call, completion, retries)
+
+    def _admit(self, call: _Call) -> BackendRequest:
+        """Reserve the call in its run (``max_calls`` holds exactly however many are in flight),
+        or raise BudgetExceeded / RunClosed; clamp max_tokens and the timeout to what it has left."""
         model, req = call.model, call.req
         cfg = model.config
         max_tokens = req.max_tokens or cfg.max_tokens
         timeout_s = req.timeout_s or cfg.timeout_s
         if req.run is not None:
             run = self.runs.get(req.run)
-            # Reserves the call (max_calls holds exactly however many are in flight), or raises
-            # BudgetExceeded / RunClosed; clamps max_tokens and the timeout to what the run has left.
             max_tokens, timeout_s = run.admit_call(max_tokens, timeout_s)
             call.run = run
-        model.retry_budget.on_request()
-        backend_req = BackendRequest(cfg.model, req.messages, max_tokens, req.temperature, timeout_s, req.run)
-        completion: Completion | None = None
-        if cache_entry is not None:
-            cache_entry[0].begin(cache_entry[1])
-        try:
-            completion, retries = await self._with_retries(call, backend_req, call.started + timeout_s)
-        finally:
-            if cache_entry is not None:
-                cache_entry[0].end(cache_entry[1], completion)
+        call.deadline = call.started + timeout_s
+        if model.shaped:
+            model.retry_budget.on_request(call.started)
+        return BackendRequest(cfg.model, req.messages, max_tokens, req.temperature, timeout_s, req.run)
+
+    def _account(self, call: _Call, completion: Completion, retries: int) -> Payload:
+        """Charge the run and the model for a call that succeeded; the encoded reply."""
+        model = call.model
         usage = completion.usage
         cost = model.cost_usd(usage)
         if call.run is not None:
@@ -306,29 +320,31 @@ class Pipeline:
             stop_reason=completion.stop_reason,
         )
 
-    async def _with_retries(
-        self, call: _Call, req: BackendRequest, deadline: float
-    ) -> tuple[Completion, int]:
-        """One backend call, retrying retryable errors, all within ``deadline``. Each attempt goes
-        through the model's shaping: circuit breaker, concurrency slot, rpm/tpm pacing."""
+    async def _attempts(self, call: _Call, req: BackendRequest) -> tuple[Completion, int]:
+        """One backend call, retrying retryable errors, all within the call's deadline. Each
+        attempt goes through the model's shaping: circuit breaker, concurrency slot, rpm/tpm."""
         model = call.model
         cfg = model.config
         mstats = model.stats
+        deadline = call.deadline
+        assert deadline is not None  # set by _admit
         attempt = 0
-        call.deadline = deadline
         if call.task is not None:  # a call stepped inline gets its slot if and when it waits
             call.slot = self.deadlines.add(call.task, deadline)
+        shaped = model.shaped
         try:
             while True:
-                if deadline - monotonic() <= 0:
+                now = monotonic()
+                if deadline - now <= 0:
                     raise RequestTimeout(f"no answer from {cfg.alias} within the request's timeout")
-                _check_breaker(model)
-                if not model.slots.try_acquire():
-                    mstats.queued += 1
-                    try:
-                        await model.slots.acquire()
-                    finally:
-                        mstats.queued -= 1
+                if shaped:
+                    _check_breaker(model)
+                    if not model.slots.try_acquire():
+                        mstats.queued += 1
+                        try:
+                            await model.slots.acquire()
+                        finally:
+                            mstats.queued -= 1
                 try:
                     estimate = 0
                     if model.rpm is not None or model.tpm is not None:
@@ -337,23 +353,26 @@ class Pipeline:
                     try:
                         completion = await model.backend.complete(req)
                     except BackendError as exc:
-                        _observe_failure(model, exc)
+                        if shaped:
+                            _observe_failure(model, exc)
                         failed = exc
                     else:
-                        model.breaker.on_success()
-                        model.slots.on_success()
+                        if shaped:
+                            model.breaker.on_success()
+                            model.slots.on_success(now)
                         if model.tpm is not None:
                             u = completion.usage
                             model.tpm.adjust(u.input_tokens + u.output_tokens - estimate)
                         return completion, attempt
                 finally:
-                    model.slots.release()
+                    if shaped:
+                        model.slots.release()
                 if failed.code == ErrorCode.RATE_LIMITED:
                     mstats.rate_limited += 1
                 delay = self._backoff(attempt, failed.retry_after_s)
                 if not failed.retryable or attempt >= cfg.max_retries or monotonic() + delay >= deadline:
                     raise _final(failed, f" (after {attempt} retries)" if attempt else "")
-                if not model.retry_budget.try_retry():
+                if shaped and not model.retry_budget.try_retry():
                     # Retries are already a large share of this model's traffic: do not multiply
                     # an outage.
                     raise _final(failed, f" (not retried: the retry budget of {cfg.alias} is spent)")

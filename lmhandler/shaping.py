@@ -95,9 +95,10 @@ class AdaptiveLimit:
                 self.in_flight += 1
                 future.set_result(None)
 
-    def on_success(self) -> None:
+    def on_success(self, now: float | None = None) -> None:
+        """``now``: the caller's clock reading, when it has one (saves a read per call)."""
         self._attempts += 1
-        self._roll()
+        self._roll(now)
         if self.limit < self.maximum:
             self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
             self._wake()
@@ -107,9 +108,10 @@ class AdaptiveLimit:
         self._overloads += 1
         self._roll()
 
-    def _roll(self) -> None:
+    def _roll(self, now: float | None = None) -> None:
         """At the end of a window, shrink the limit if too large a share was refused."""
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         if now - self._window_start < self.window_s:
             return
         attempts, overloads = self._attempts, self._overloads
@@ -137,8 +139,9 @@ class RetryBudget:
         self._updated = time.monotonic()
         self.refused = 0
 
-    def _decay(self) -> None:
-        now = time.monotonic()
+    def _decay(self, now: float | None = None) -> None:
+        if now is None:
+            now = time.monotonic()
         elapsed = now - self._updated
         self._updated = now
         if self.balance > self.reserve:
@@ -146,8 +149,9 @@ class RetryBudget:
                 0.0, 1 - elapsed / self.window_s
             )
 
-    def on_request(self) -> None:
-        self._decay()
+    def on_request(self, now: float | None = None) -> None:
+        """``now``: the caller's clock reading, when it has one (saves a read per call)."""
+        self._decay(now)
         self.balance += self.ratio
 
     def try_retry(self) -> bool:

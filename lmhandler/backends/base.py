@@ -100,6 +100,14 @@ class Backend(ABC):
         """
         return False
 
+    @property
+    def has_provider(self) -> bool:
+        """Whether a provider stands behind this backend, to be protected and watched: circuit
+        breaker, adaptive concurrency and the retry budget. The offline backends have none (and
+        never fail in a way worth retrying), so the pipeline gives them no shaping to pay for.
+        rpm/tpm pacing applies to any model that configures it."""
+        return True
+
     @abstractmethod
     async def complete(self, request: BackendRequest) -> Completion:
         """Make one attempt; raise ``BackendError`` on any failure."""

@@ -31,6 +31,10 @@ class EchoBackend(Backend):
     def answers_at_once(self) -> bool:
         return self.latency_s == 0
 
+    @property
+    def has_provider(self) -> bool:
+        return False
+
     async def complete(self, request: BackendRequest) -> Completion:
         if self.latency_s > 0:
             await asyncio.sleep(self.latency_s)
@@ -57,6 +61,10 @@ class ScriptBackend(Backend):
     @property
     def answers_at_once(self) -> bool:
         return self.latency_s == 0
+
+    @property
+    def has_provider(self) -> bool:
+        return False
 
     async def complete(self, request: BackendRequest) -> Completion:
         if self.latency_s > 0:
