@@ -21,6 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "rlmq.loadtest.cli",
         "drive a handler with load and report throughput, latency and errors",
     ),
+    "eval": (
+        "rlmq.eval.cli",
+        "run the paper's long-context tasks (generated offline, exact answers) and score a model on them",
+    ),
     "keys": ("rlmq.protocol.security", "make CURVE keys for handlers and pools listening on TCP"),
     "fake-provider": (
         "rlmq.fakeprovider.cli",
