@@ -12,6 +12,7 @@ Errors (each carries the wire ``code`` it is answered with)::
         ├── UnknownModel            unknown_model
         ├── UnknownRun              bad_request: run_close / usage of a run never seen
         ├── Overloaded              overloaded: max_in_flight requests already in flight
+        ├── PromptTooLarge          too_large: the prompt is over the model's context window
         ├── RequestTimeout          timeout: no answer within the request's (or run's) time
         ├── ShuttingDown            unavailable: the handler stopped first
         ├── BudgetExceeded          budget_exceeded (accounting)
@@ -27,7 +28,15 @@ from rlmq.protocol import ConfigError
 from .accounting import BudgetExceeded, RunClosed
 from .backends.base import BackendError
 from .config import HandlerConfig, ModelConfig, load_config, parse_config
-from .errors import HandlerError, Overloaded, RequestTimeout, ShuttingDown, UnknownModel, UnknownRun
+from .errors import (
+    HandlerError,
+    Overloaded,
+    PromptTooLarge,
+    RequestTimeout,
+    ShuttingDown,
+    UnknownModel,
+    UnknownRun,
+)
 from .server import Handler
 from .shaping import CircuitOpen
 
@@ -41,6 +50,7 @@ __all__ = [
     "HandlerError",
     "ModelConfig",
     "Overloaded",
+    "PromptTooLarge",
     "RequestTimeout",
     "RunClosed",
     "ShuttingDown",

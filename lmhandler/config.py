@@ -9,20 +9,26 @@ silently ignored is a production incident.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rlmq.protocol import DEFAULT_MAX_MESSAGE_BYTES, ConfigError
 from rlmq.protocol.tables import check_table, field_kinds, read_toml
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_KEY_ENV",
+    "GENERIC_CONTEXT_WINDOW_TOKENS",
     "ConfigError",
     "HandlerConfig",
     "ModelConfig",
+    "default_context_window",
+    "is_loopback_url",
     "load_config",
     "parse_config",
 ]
@@ -34,6 +40,76 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 OTHER_TABLES = frozenset({"sandbox", "run"})
 # echo and script are not a provider to protect: let them run as wide as the handler allows.
 OFFLINE_CONCURRENCY = 100_000
+# The variable an HTTP backend reads its key from when the config names none and talks to the
+# provider's own API (no base_url). A gateway or a local server at a base_url gets no key unless
+# api_key_env names one: sending the provider's key to a third party would leak it.
+DEFAULT_KEY_ENV: Mapping[str, str] = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
+
+# Context windows (prompt tokens a model reads) by model-name prefix, most specific first. The
+# default of a model the table does not know is GENERIC_CONTEXT_WINDOW_TOKENS: the window of
+# most open models served locally, so a prompt a local server would silently truncate is refused
+# instead; set context_window_tokens in the model's table to lift it.
+GENERIC_CONTEXT_WINDOW_TOKENS = 32_768
+# echo and script read anything: their window only bounds what a test sets it to.
+OFFLINE_CONTEXT_WINDOW_TOKENS = 1 << 40
+_WINDOWS: tuple[tuple[str, int], ...] = (
+    ("claude", 200_000),
+    ("gpt-4.1", 1_047_576),
+    ("gpt-5", 272_000),  # the input limit; the 400k window counts 128k of output
+    ("gpt-4o", 128_000),
+    ("gpt-4-turbo", 128_000),
+    ("gpt-4", 8_192),
+    ("gpt-3.5", 16_385),
+    ("o1", 200_000),
+    ("o3", 200_000),
+    ("o4", 200_000),
+    ("gemini", 1_048_576),
+    ("qwen3-coder", 262_144),
+    ("qwen", 32_768),  # qwen2.5 and qwen3 natively; 128k only with YaRN switched on
+    ("llama-4", 131_072),
+    ("llama-3.1", 131_072),
+    ("llama-3.2", 131_072),
+    ("llama-3.3", 131_072),
+    ("llama-3", 8_192),
+    ("llama-2", 4_096),
+    ("gemma-3n", 32_768),
+    ("gemma-3", 131_072),
+    ("gemma", 8_192),
+    ("mistral-large", 131_072),
+    ("mistral", 32_768),
+    ("mixtral", 32_768),
+    ("deepseek", 131_072),
+)
+
+
+def default_context_window(backend: str, model: str) -> int:
+    """The context window of ``model`` by its family, in tokens (see the table above).
+
+    The name is matched after any ``vendor/`` prefix (``meta-llama/Llama-3.1-8B``) and with
+    ``_``, ``:`` and spaces read as ``-`` (``llama3.1:8b``, ``Llama 3.1``)."""
+    if backend not in HTTP_BACKENDS:
+        return OFFLINE_CONTEXT_WINDOW_TOKENS
+    name = model.rsplit("/", 1)[-1].lower().replace("_", "-").replace(" ", "-").replace(":", "-")
+    name = name.removeprefix("meta-").replace("llama3", "llama-3").replace("gemma3", "gemma-3")
+    if name.startswith("qwen3") and "2507" in name:  # the July 2025 releases read 256k natively
+        return 262_144
+    for prefix, tokens in _WINDOWS:
+        if name.startswith(prefix):
+            return tokens
+    return GENERIC_CONTEXT_WINDOW_TOKENS
+
+
+def is_loopback_url(url: str | None) -> bool:
+    """Whether ``url`` names this machine (localhost, 127.0.0.0/8, ::1)."""
+    if not url:
+        return False
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +121,7 @@ class ModelConfig:
     backend: str
     model: str = ""
     base_url: str | None = None
+    # Where the key comes from; the backend's usual variable when unset and base_url is unset.
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)  # resolved from api_key_env, never logged
     max_concurrency: int = 256  # offline backends default to OFFLINE_CONCURRENCY
@@ -65,6 +142,31 @@ class ModelConfig:
     prompt_caching: bool = True  # anthropic: mark the stable prefix with cache_control
     latency_ms: float = 0.0  # echo
     path: str | None = None  # script: JSON list of strings
+    # Prompt tokens the model reads at most; 0: the default of its family (default_context_window).
+    # A prompt estimated over it is refused before it is sent (too_large).
+    context_window_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.context_window_tokens <= 0:
+            window = default_context_window(self.backend, self.model or self.alias)
+            object.__setattr__(self, "context_window_tokens", window)
+
+    @property
+    def keyless_ok(self) -> bool:
+        """A server on this machine may run without a key (llama.cpp, vLLM, Ollama)."""
+        return is_loopback_url(self.base_url)
+
+    def key_problem(self) -> str | None:
+        """One line naming the unset key variable and the alias, or None when nothing is missing."""
+        if self.backend not in HTTP_BACKENDS or self.api_key or not self.api_key_env:
+            return None
+        line = (
+            f"model {self.alias!r} ({self.backend}): no API key: ${self.api_key_env} is not set; "
+            f"export it, or name the variable that holds it with api_key_env in [models.{self.alias}]"
+        )
+        if self.keyless_ok:
+            line += f" (calls go to {self.base_url} without a key)"
+        return line
 
     def cost_usd(self, input_tokens: int, output_tokens: int, cache_read: int, cache_write: int) -> float:
         read_price = self.price_cache_read_per_mtok
@@ -115,7 +217,7 @@ def _model(alias: str, table: Any, source: str, env: Mapping[str, str]) -> Model
         raise ConfigError(f"{source}: [{where}] needs 'model', the provider's model name")
     if backend == "script" and not table.get("path"):
         raise ConfigError(f"{source}: [{where}] backend 'script' needs 'path' to a JSON list of strings")
-    for key in ("max_concurrency", "max_tokens", "rpm", "tpm"):
+    for key in ("max_concurrency", "max_tokens", "rpm", "tpm", "context_window_tokens"):
         if key in table and table[key] < 1:
             raise ConfigError(f"{source}: [{where}] {key} must be at least 1")
     for key in ("timeout_s", "connect_timeout_s"):
@@ -124,13 +226,13 @@ def _model(alias: str, table: Any, source: str, env: Mapping[str, str]) -> Model
     values = dict(table)
     if backend == "script" and not Path(values["path"]).is_absolute() and source != "<memory>":
         values["path"] = str(Path(source).parent / values["path"])
+    # A missing key does not stop the handler (its other models may serve): it is reported at
+    # start and on every use (ModelConfig.key_problem), and the call fails without being sent.
     api_key = None
-    if table.get("api_key_env"):
-        api_key = env.get(table["api_key_env"])
-        if backend == "anthropic" and not api_key:
-            raise ConfigError(
-                f"{source}: [{where}] reads its API key from ${table['api_key_env']}, which is not set"
-            )
+    if not values.get("api_key_env") and backend in HTTP_BACKENDS and not values.get("base_url"):
+        values["api_key_env"] = DEFAULT_KEY_ENV[backend]
+    if values.get("api_key_env"):
+        api_key = env.get(values["api_key_env"]) or None
     values.setdefault("model", alias)
     if backend not in HTTP_BACKENDS:
         values.setdefault("max_concurrency", OFFLINE_CONCURRENCY)

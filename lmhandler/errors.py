@@ -53,3 +53,9 @@ class ShuttingDown(HandlerError):
     """The handler stopped before the call finished."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class PromptTooLarge(HandlerError):
+    """The prompt is estimated over the model's context window: refused before it is sent."""
+
+    code = ErrorCode.TOO_LARGE

@@ -1,7 +1,8 @@
 """The request pipeline: what every ``complete`` goes through, in one place.
 
-    admission   unknown model, the handler's max_in_flight, then the run's budgets
-                (a call is reserved at admission; a closed run refuses)
+    admission   unknown model, the handler's max_in_flight, a prompt over the model's context
+                window (too_large, never sent), then the run's budgets (a call is reserved
+                at admission; a closed run refuses)
     cache       identical requests share one backend call (single flight); hits are free
     shaping     circuit breaker, adaptive concurrency, rpm/tpm pacing
     retries     retryable errors, with backoff that honours Retry-After, within the retry
@@ -38,14 +39,14 @@ from rlmq.protocol.codec import encode_complete_reply
 from .accounting import Run, RunTable
 from .backends import Backend, BackendError, BackendRequest, Completion, estimate_tokens
 from .cache import ResponseCache, cache_key
-from .config import OFFLINE_CONCURRENCY, HandlerConfig, ModelConfig
+from .config import OFFLINE_CONCURRENCY, OFFLINE_CONTEXT_WINDOW_TOKENS, HandlerConfig, ModelConfig
 from .deadlines import DeadlineWheel
-from .errors import HandlerError, Overloaded, RequestTimeout, ShuttingDown, UnknownModel
+from .errors import HandlerError, Overloaded, PromptTooLarge, RequestTimeout, ShuttingDown, UnknownModel
 from .pacing import TokenBucket
 from .shaping import AdaptiveLimit, CircuitBreaker, CircuitOpen, RetryBudget
 from .stats import ModelStats, ServerStats
 
-__all__ = ["Model", "Pipeline"]
+__all__ = ["Model", "Pipeline", "too_large_message"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,16 @@ Fail = Callable[[list[Any], str, RlmqError], None]
 
 # Failures that say the provider is down (not busy, not refusing this request).
 _DOWN_CODES = frozenset({ErrorCode.BACKEND_ERROR, ErrorCode.TIMEOUT})
+
+
+def too_large_message(alias: str, chars: int, window: int) -> str:
+    """What a caller is told of a prompt over ``alias``'s window (4 characters a token)."""
+    tokens = -(-chars // 4)
+    return (
+        f"the prompt for {alias!r} is about {tokens:,} tokens ({chars:,} characters), over its "
+        f"context window of {window:,} tokens; nothing was sent. Split it into chunks of at most "
+        f"about {window * 3:,} characters and send each separately (llm_query_batched)"
+    )
 
 
 class Model:
@@ -86,6 +97,10 @@ class Model:
         # Breaker, adaptive concurrency and retry budget protect a provider; an offline backend
         # has none, unless its concurrency was limited on purpose (a load test of the queue).
         self.shaped = backend.has_provider or config.max_concurrency < OFFLINE_CONCURRENCY
+        # A prompt longer than this (4 characters a token) is refused at admission; None: no
+        # limit worth a sum over the messages (the offline backends read anything).
+        window = config.context_window_tokens
+        self.window_chars = window * 4 if window < OFFLINE_CONTEXT_WINDOW_TOKENS else None
 
     def cost_usd(self, usage: Usage) -> float:
         if self._free:
@@ -274,10 +289,15 @@ class Pipeline:
         return self._account(call, completion, retries)
 
     def _admit(self, call: _Call) -> BackendRequest:
-        """Reserve the call in its run (``max_calls`` holds exactly however many are in flight),
+        """Refuse a prompt over the model's window (PromptTooLarge, before anything is reserved);
+        reserve the call in its run (``max_calls`` holds exactly however many are in flight),
         or raise BudgetExceeded / RunClosed; clamp max_tokens and the timeout to what it has left."""
         model, req = call.model, call.req
         cfg = model.config
+        if model.window_chars is not None:
+            chars = sum(len(m.content) for m in req.messages)
+            if chars > model.window_chars:
+                raise PromptTooLarge(too_large_message(cfg.alias, chars, cfg.context_window_tokens))
         max_tokens = req.max_tokens or cfg.max_tokens
         timeout_s = req.timeout_s or cfg.timeout_s
         if req.run is not None:

@@ -56,7 +56,7 @@ from rlmq.protocol.security import CurveServerKeys, ServerSecurity
 
 from .accounting import RunTable
 from .backends import Backend, make_backend
-from .config import HandlerConfig
+from .config import OFFLINE_CONTEXT_WINDOW_TOKENS, HandlerConfig
 from .errors import HandlerError, UnknownRun
 from .pipeline import Model, Pipeline
 from .stats import ServerStats
@@ -92,6 +92,7 @@ class Handler:
         self.address: str | None = None
         self.addresses: list[str] = []
         self.models: dict[str, Model] = {}
+        self._windows: dict[str, int] = {}  # what ping tells workers, so they refuse oversized prompts
         self.runs = RunTable()
         self.stats = ServerStats()
         self._stopping = asyncio.Event()
@@ -112,6 +113,14 @@ class Handler:
         for alias, model_config in self.config.models.items():
             backend = self._backends.get(alias) or make_backend(model_config)
             self.models[alias] = Model(model_config, backend)
+            problem = model_config.key_problem()
+            if problem is not None:  # said again on first use, where the call fails (or goes keyless)
+                log.warning("%s", problem)
+        self._windows = {  # the offline backends read anything: no window to tell
+            alias: m.config.context_window_tokens
+            for alias, m in self.models.items()
+            if m.config.context_window_tokens < OFFLINE_CONTEXT_WINDOW_TOKENS
+        }
         # A synchronous socket on the (possibly asyncio) context; the loop watches its FD.
         sock: zmq.Socket[Any] = zmq.Socket(self._ctx, zmq.ROUTER)
         try:
@@ -241,7 +250,12 @@ class Handler:
     # ------------------------------------------------------------ the other ops
 
     def _ping(self, req: PingRequest) -> Reply:
-        return PongReply(req.id, versions=(PROTOCOL_VERSION,), models=tuple(self.models))
+        return PongReply(
+            req.id,
+            versions=(PROTOCOL_VERSION,),
+            models=tuple(self.models),
+            context_windows=self._windows,
+        )
 
     def _stats(self, req: StatsRequest) -> Reply:
         s = self.stats

@@ -23,7 +23,7 @@ from .contexts import load_context
 from .errors import ChildRunFailed, ContextError, NoServices, RunError, ServiceError, SettingsError
 from .interfaces import ModelClient, Sandbox, SandboxSession
 from .local import LocalServices, local_services
-from .loop import RLM, RunCounters, RunResult, StopReason, new_run_id
+from .loop import RLM, Ending, RunCounters, RunResult, StopReason, new_run_id
 from .runner import run_query
 from .settings import RunSettings, load_run_settings
 from .trajectory import Trajectory
@@ -32,6 +32,7 @@ __all__ = [
     "RLM",
     "ChildRunFailed",
     "ContextError",
+    "Ending",
     "LocalServices",
     "ModelClient",
     "NoServices",

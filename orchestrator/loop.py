@@ -1,10 +1,12 @@
 """The RLM loop: explore, decompose, aggregate, terminate.
 
 Each iteration sends the history to the ``root`` model, runs the response's ```repl blocks in the
-session in order, and feeds their output back. The run ends when code calls FINAL/FINAL_VAR, when
-a response without code says FINAL(...)/FINAL_VAR(...), or when a limit stops it (iterations,
-depth, wall time, or the handler's run budget), always with the best answer available and the
-reason (``StopReason``).
+session in order, and feeds their output back. The run ends the ways real models end it (the
+table is in docs/orchestrator.md, "Endings"): code calls FINAL/FINAL_VAR or sets
+``answer["ready"]``; a response without code says FINAL(...)/FINAL_VAR(...); a response's
+FINAL_VAR(name) after code that ran cleanly names a variable that exists. Or a limit stops it
+(iterations, depth, wall time, the handler's run budget), always with the best answer available
+(``Ending`` says where it came from) and the reason (``StopReason``).
 
 ``RLM`` holds what runs share (the model client, the sandbox, the settings) and may run many
 queries at once; everything that belongs to one run (its counters, clock, trajectory, usage) lives
@@ -25,21 +27,23 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from rlmq.protocol import ChatMessage, ErrorCode, ErrorInfo, RlmqError, RunUsage
+from rlmq.protocol import ChatMessage, CompleteReply, ErrorCode, ErrorInfo, RlmqError, RunUsage
 from rlmq.protocol.sandbox import ExecResult
 
 from .errors import ChildRunFailed
 from .history import History
 from .interfaces import ModelClient, RlmCallback, Sandbox, SandboxSession
-from .parsing import extract_code_blocks, find_final
-from .prompts import describe_context, system_prompt
+from .parsing import FinalText, extract_code_blocks, find_final, prose_after_code, without_code
+from .prompts import describe_context, last_call_prompt, no_code_nudge, system_prompt
 from .settings import RunSettings
 from .trajectory import Trajectory
 
 __all__ = [
+    "CUT_OFF_NOTE",
     "LAST_CALL",
     "NO_CODE_NUDGE",
     "RLM",
+    "Ending",
     "RunCounters",
     "RunResult",
     "StopReason",
@@ -49,14 +53,38 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-NO_CODE_NUDGE = (
-    "Your response had no ```repl code block and no FINAL(...). Continue with code to explore "
-    "`context`, or give your answer as FINAL(answer) or FINAL_VAR(variable_name)."
-)
-LAST_CALL = (
+NO_CODE_NUDGE = no_code_nudge("final")  # the nudge under the default endings
+LAST_CALL = (  # ... and the last call's request (last_call_prompt("final", n))
     "You have used all {n} iterations. Answer now with FINAL(your best answer) or "
     "FINAL_VAR(variable_name), and no code."
 )
+CUT_OFF_NOTE = (
+    "Your FINAL( was cut off: the response reached its length limit before the closing "
+    "parenthesis. Put the answer in a variable with code and end with FINAL_VAR(name), or give "
+    "a shorter FINAL(answer)."
+)
+# A provider's stop reason for a response cut at its length limit (Anthropic, OpenAI).
+_CUT_STOP_REASONS = frozenset({"max_tokens", "length"})
+
+
+class Ending(StrEnum):
+    """Where a depth's answer came from (the ``final`` event's ``ending``; docs/orchestrator.md)."""
+
+    CODE_FINAL = "code_final"  # FINAL(value) in code
+    CODE_FINAL_VAR = "code_final_var"  # FINAL_VAR(name) or FINAL_VAR(value) in code
+    ANSWER_DICT = "answer_dict"  # code set answer["ready"] = True
+    PROSE_FINAL = "prose_final"  # FINAL(...) as text, no code beside it
+    PROSE_FINAL_VAR = "prose_final_var"  # FINAL_VAR(name) as text, no code beside it
+    FINAL_VAR_AFTER_CODE = "final_var_after_code"  # FINAL_VAR(name) as text after code that ran cleanly
+    LAST_CALL_FINAL = "last_call_final"  # the last call's FINAL as text beside code, or cut off
+    LAST_CALL_TEXT = "last_call_text"  # the last call's plain text
+    FALLBACK_FINAL_VAR = "fallback_final_var"  # the variable of a prose FINAL_VAR that was not taken
+    FALLBACK_ANSWER_DICT = "fallback_answer_dict"  # answer["content"], never made ready
+    FALLBACK_FINAL = "fallback_final"  # the last prose FINAL that was not taken
+    NONE = "none"  # no answer at all
+
+
+_FROM_EXEC = {"final": Ending.CODE_FINAL, "final_var": Ending.CODE_FINAL_VAR, "answer": Ending.ANSWER_DICT}
 
 
 class StopReason(StrEnum):
@@ -89,6 +117,7 @@ class RunResult:
     detail: str = ""  # which limit, or the error, for people
     depth: int = 0
     error: ErrorInfo | None = None  # the error that stopped the run, as it arrived
+    ending: str = Ending.NONE  # where the answer came from (an ``Ending``)
 
     @property
     def ok(self) -> bool:
@@ -114,17 +143,19 @@ class _Outcome:
     detail: str
     iterations: int
     error: ErrorInfo | None = None
+    ending: Ending = Ending.NONE
 
 
 @dataclass(slots=True, eq=False)
 class _Level:
-    """The loop at one depth: its session, history, iteration, and fallback answer."""
+    """The loop at one depth: its session, history, iteration, and what a fallback reads."""
 
     depth: int
     session: SandboxSession
     history: History
     iteration: int = 0
-    best: str = ""  # a prose FINAL we had to ignore: the answer if a limit stops this depth
+    best: str = ""  # the last prose FINAL not taken (beside code, or cut off)
+    hint_var: str | None = None  # the last prose FINAL_VAR not taken: read if a limit stops this depth
 
 
 def format_observation(index: int, count: int, code: str, result: ExecResult) -> str:
@@ -156,6 +187,8 @@ class RLM:
     ``models`` is any ``ModelClient`` (``AsyncHandlerClient``, or ``testing.ScriptedModelClient``),
     ``sandbox`` any ``Sandbox`` (``AsyncSandboxClient``, or ``testing.InMemorySandbox``).
     ``on_event`` sees every trajectory event of every run; ``clock`` measures wall time.
+    ``sub_window_tokens``: the sub-model's context window, when known (the handler's ``ping``
+    tells it), so the system prompt can say how much one ``llm_query`` reads.
     """
 
     def __init__(
@@ -166,12 +199,14 @@ class RLM:
         *,
         on_event: EventSink | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sub_window_tokens: int | None = None,
     ) -> None:
         self.models = models
         self.sandbox = sandbox
         self.settings = settings
         self.on_event = on_event
         self.clock = clock
+        self.sub_window_tokens = sub_window_tokens
         self._active: dict[str, _Run] = {}
 
     async def run(
@@ -205,6 +240,7 @@ class _Run:
         self.settings = rlm.settings
         self.clock = rlm.clock
         self.on_event = rlm.on_event
+        self.sub_window_tokens = rlm.sub_window_tokens
         self.trajectory = trajectory
         self.counters = RunCounters()
         self.started = self.clock()
@@ -234,7 +270,7 @@ class _Run:
             await self.models.run_open(self.id, s.limits())
             outcome = await self.depth(query, context, 0)
         except RlmqError as exc:  # the run could not start
-            outcome = self.stopped_by(exc, "", self.counters.iterations)
+            outcome = self.stopped_by(exc, ("", Ending.NONE), self.counters.iterations)
         except BaseException as exc:  # cancelled, interrupted, or a bug: still leave a whole trajectory
             outcome = _Outcome("", StopReason.ERROR, f"{type(exc).__name__}: {exc}", self.counters.iterations)
             raise
@@ -264,16 +300,18 @@ class _Run:
             self.usage,
             outcome.detail,
             error=outcome.error,
+            ending=outcome.ending,
         )
 
-    def stopped_by(self, exc: RlmqError, best: str, iterations: int) -> _Outcome:
+    def stopped_by(self, exc: RlmqError, best: tuple[str, Ending], iterations: int) -> _Outcome:
         """The outcome of an error from the model client or the sandbox, its ErrorInfo kept whole."""
         info = ErrorInfo.of(exc)
+        answer, ending = best
         if info.code == ErrorCode.BUDGET_EXCEEDED:
-            return _Outcome(best, StopReason.BUDGET_EXCEEDED, info.message, iterations, info)
+            return _Outcome(answer, StopReason.BUDGET_EXCEEDED, info.message, iterations, info, ending)
         if info.code == ErrorCode.TIMEOUT and self.past_deadline():
-            return _Outcome(best, StopReason.WALL_TIME, info.message, iterations, info)
-        return _Outcome(best, StopReason.ERROR, f"{info.code}: {info.message}", iterations, info)
+            return _Outcome(answer, StopReason.WALL_TIME, info.message, iterations, info, ending)
+        return _Outcome(answer, StopReason.ERROR, f"{info.code}: {info.message}", iterations, info, ending)
 
     # ------------------------------------------------------------------ one depth
 
@@ -282,7 +320,7 @@ class _Run:
         try:
             session = await self.open_session(context, depth)
         except RlmqError as exc:
-            return self.finish(depth, self.stopped_by(exc, "", 0))
+            return self.finish(depth, self.stopped_by(exc, ("", Ending.NONE), 0))
         if depth > 0:
             self.event("child_start", depth=depth, query=query, context=describe_context(context))
         s = self.settings
@@ -292,12 +330,14 @@ class _Run:
             max_depth=s.max_depth,
             max_output_chars=s.max_output_chars,
             sub_model=s.sub_model,
+            endings=s.endings,
+            sub_window_tokens=self.sub_window_tokens,
         )
         level = _Level(depth, session, History(prompt, f"Question: {query}"))
         try:
             return self.finish(depth, await self.iterate(level))
         except RlmqError as exc:
-            return self.finish(depth, self.stopped_by(exc, level.best, level.iteration))
+            return self.finish(depth, self.stopped_by(exc, await self.fallback(level), level.iteration))
         finally:
             try:
                 await session.close()
@@ -339,6 +379,7 @@ class _Run:
             detail=outcome.detail,
             iterations=outcome.iterations,
             error=None if outcome.error is None else outcome.error.to_wire(),
+            ending=outcome.ending,
         )
         return outcome
 
@@ -350,44 +391,83 @@ class _Run:
                 self.counters.iterations = iteration
             if self.past_deadline():
                 detail = f"wall time of {s.wall_time_s:g} s reached"
-                return _Outcome(level.best, StopReason.WALL_TIME, detail, iteration)
+                answer, ending = await self.fallback(level)
+                return _Outcome(answer, StopReason.WALL_TIME, detail, iteration, ending=ending)
             await self.compact(level)
-            response = await self.ask(level.history.messages(), level.depth, iteration, "iteration")
-            level.history.add_response(response)
-            answer, observation = await self.act(level, response)
-            if answer is not None:
-                return _Outcome(answer, StopReason.FINAL, "", iteration)
-            prose = find_final(response)
-            if prose is not None and extract_code_blocks(response):
-                level.best = prose.answer or level.best
-                self.event(
-                    "final_ignored", depth=level.depth, iteration=iteration, final=prose.answer or prose.var
-                )
+            reply = await self.ask(level.history.messages(), level.depth, iteration, "iteration")
+            level.history.add_response(reply.text)
+            taken, observation = await self.act(level, reply.text, cut=reply.stop_reason in _CUT_STOP_REASONS)
+            if taken is not None:
+                return _Outcome(taken[0], StopReason.FINAL, "", iteration, ending=taken[1])
             level.history.add_observation(observation)
         return await self.last_call(level)
 
     async def last_call(self, level: _Level) -> _Outcome:
-        """Out of iterations: one last request for an answer, without code."""
+        """Out of iterations: one last request for an answer, read through the same endings,
+        then the fallbacks, with the plain text as the last resort."""
         s = self.settings
         asked = level.iteration + 1
-        messages = level.history.messages(extra_user=LAST_CALL.format(n=s.max_iterations))
-        response = await self.ask(messages, level.depth, asked, "last_call")
-        prose = find_final(response)
-        answer = None
-        if prose is not None and prose.var is not None:
-            answer = await self.final_var(level, prose.var, asked)
-        elif prose is not None:
-            answer = prose.answer
-        if answer is None:
-            answer = response.strip() or level.best
+        messages = level.history.messages(extra_user=last_call_prompt(s.endings, s.max_iterations))
+        reply = await self.ask(messages, level.depth, asked, "last_call")
+        answer, ending = await self.take_last(level, reply.text)
         detail = f"stopped after {s.max_iterations} iterations"
-        return _Outcome(answer, StopReason.MAX_ITERATIONS, detail, level.iteration)
+        return _Outcome(answer, StopReason.MAX_ITERATIONS, detail, level.iteration, ending=ending)
+
+    async def take_last(self, level: _Level, response: str) -> tuple[str, Ending]:
+        """The answer in the last call's response, in this order: an ending of its code, or of its
+        text; a FINAL beside its code (there is no later turn to wait for); the fallbacks read
+        from the session; its plain text; the last FINAL not taken."""
+        blocks = extract_code_blocks(response)
+        prose = find_final(response)
+        if blocks:
+            taken, _ = await self.act(level, response, cut=False)
+            if taken is not None:
+                return taken
+            if prose is not None and prose.answer:
+                return prose.answer, Ending.LAST_CALL_FINAL
+        elif prose is not None and prose.var is not None:
+            value = await self.final_var(level, prose.var, level.iteration + 1)
+            if value is not None:
+                return value, Ending.PROSE_FINAL_VAR
+        elif prose is not None and prose.answer:
+            return prose.answer, Ending.PROSE_FINAL if prose.complete else Ending.LAST_CALL_FINAL
+        found = await self.read_fallbacks(level)
+        if found is not None:
+            return found
+        text = without_code(response).strip()
+        if text and prose is None:
+            return text, Ending.LAST_CALL_TEXT
+        return (level.best, Ending.FALLBACK_FINAL) if level.best else ("", Ending.NONE)
+
+    async def fallback(self, level: _Level) -> tuple[str, Ending]:
+        """The best answer when a limit or an error stops this depth: the variable of the last
+        prose FINAL_VAR not taken, then ``answer["content"]``, then the last prose FINAL not taken."""
+        found = await self.read_fallbacks(level)
+        if found is not None:
+            return found
+        return (level.best, Ending.FALLBACK_FINAL) if level.best else ("", Ending.NONE)
+
+    async def read_fallbacks(self, level: _Level) -> tuple[str, Ending] | None:
+        """What the session holds of an answer: values from executed code, not from what the
+        model imagined. A session that cannot answer (lost, closed) holds nothing."""
+        try:
+            if level.hint_var is not None:
+                value = await self.final_var(level, level.hint_var, level.iteration)
+                if value:
+                    return value, Ending.FALLBACK_FINAL_VAR
+            result = await level.session.exec('FINAL(answer["content"])')
+        except RlmqError as exc:
+            log.info("run %s: no fallback from the session: %s", self.id, ErrorInfo.of(exc))
+            return None
+        if result.error is None and result.final and result.final.strip():
+            return result.final, Ending.FALLBACK_ANSWER_DICT
+        return None
 
     async def compact(self, level: _Level) -> None:
         s = self.settings
 
         async def summarise(messages: list[ChatMessage]) -> str:
-            return await self.ask(messages, level.depth, level.iteration, "compaction")
+            return (await self.ask(messages, level.depth, level.iteration, "compaction")).text
 
         compaction = await level.history.compact_if_needed(
             max_chars=s.history_max_chars,
@@ -407,7 +487,9 @@ class _Run:
                 summary=compaction.summary,
             )
 
-    async def ask(self, messages: list[ChatMessage], depth: int, iteration: int, purpose: str) -> str:
+    async def ask(
+        self, messages: list[ChatMessage], depth: int, iteration: int, purpose: str
+    ) -> CompleteReply:
         s = self.settings
         self.counters.asking += 1
         try:
@@ -434,25 +516,17 @@ class _Run:
             latency_ms=reply.latency_ms,
             cached=reply.cached,
         )
-        return reply.text
+        return reply
 
-    async def act(self, level: _Level, response: str) -> tuple[str | None, str]:
-        """Run the response's code, or take its prose FINAL: (final answer or None, observation)."""
+    async def act(self, level: _Level, response: str, *, cut: bool) -> tuple[tuple[str, Ending] | None, str]:
+        """Run the response's code, or take its prose ending: (the answer and how it came, or
+        None; what the model is shown). ``cut``: the response stopped at its length limit."""
         blocks = extract_code_blocks(response)
+        prose = find_final(response)
         if not blocks:
-            prose = find_final(response)
-            if prose is None:
-                return None, NO_CODE_NUDGE
-            if prose.var is not None:
-                value = await self.final_var(level, prose.var, level.iteration)
-                if value is None:
-                    return None, (
-                        f"FINAL_VAR({prose.var}) names no variable of the REPL. Define it with code first, "
-                        "or answer with FINAL(answer)."
-                    )
-                return value, ""
-            return prose.answer or "", ""
+            return await self.act_on_prose(level, prose, cut=cut)
         observations = []
+        clean = True  # every block ran without an error and kept its state
         for index, code in enumerate(blocks):
             result = await level.session.exec(code)
             self.counters.sub_calls += result.llm_calls
@@ -467,6 +541,7 @@ class _Run:
                 error=None if result.error is None else result.error.to_wire(),
                 final=result.final,
                 final_var=result.final_var,
+                ending=result.ending,
                 elapsed_ms=result.elapsed_ms,
                 llm_calls=result.llm_calls,
                 truncated_chars=result.truncated_chars,
@@ -474,13 +549,68 @@ class _Run:
             )
             observations.append(format_observation(index, len(blocks), code, result))
             if result.final is not None:
-                return result.final, "\n\n".join(observations)
+                ending = _FROM_EXEC.get(result.ending or "", Ending.CODE_FINAL)
+                return (result.final, ending), "\n\n".join(observations)
+            clean = clean and result.error is None and not result.state_lost
+        if prose is not None:
+            note = await self.beside_code(level, prose, response, clean)
+            if isinstance(note, tuple):
+                return note, "\n\n".join(observations)
+            if note:
+                observations.append(note)
         return None, "\n\n".join(observations)
+
+    async def act_on_prose(
+        self, level: _Level, prose: FinalText | None, *, cut: bool
+    ) -> tuple[tuple[str, Ending] | None, str]:
+        """A response without code: its FINAL or FINAL_VAR ends the run, if it can."""
+        if prose is None:
+            return None, no_code_nudge(self.settings.endings)
+        if prose.var is not None:
+            value = await self.final_var(level, prose.var, level.iteration)
+            if value is None:
+                return None, (
+                    f"FINAL_VAR({prose.var}) names no variable of the REPL. Define it with code first "
+                    "(SHOW_VARS() lists what exists), or answer with FINAL(answer)."
+                )
+            return (value, Ending.PROSE_FINAL_VAR), ""
+        if not prose.complete and cut:
+            # A FINAL cut off at the length limit is part of an answer: ask for it whole, keep
+            # the part in case a limit stops the run first.
+            level.best = prose.answer or level.best
+            self.event("final_cut", depth=level.depth, iteration=level.iteration, final=prose.answer)
+            return None, CUT_OFF_NOTE
+        return (prose.answer or "", Ending.PROSE_FINAL), ""
+
+    async def beside_code(
+        self, level: _Level, prose: FinalText, response: str, clean: bool
+    ) -> tuple[str, Ending] | str:
+        """A prose FINAL next to code blocks. FINAL_VAR(name) after the code is taken when every
+        block ran without error and ``name`` exists: the value comes from code that ran. A FINAL
+        literal is ignored (written before its code's output was seen), and kept as a fallback,
+        as is the FINAL_VAR not taken. Returns the answer, or a note for the model ("" for none)."""
+        note = ""
+        if prose.var is not None:
+            after = find_final(prose_after_code(response))
+            if clean and after is not None and after.var == prose.var:
+                value = await self.final_var(level, prose.var, level.iteration)
+                if value is not None:
+                    return value, Ending.FINAL_VAR_AFTER_CODE
+                note = f"[FINAL_VAR({prose.var}) was not taken: no variable named {prose.var!r} exists]"
+            elif not clean:
+                note = f"[FINAL_VAR({prose.var}) was not taken: a block failed; fix it, then answer]"
+            level.hint_var = prose.var
+        else:
+            level.best = prose.answer or level.best
+        self.event(
+            "final_ignored", depth=level.depth, iteration=level.iteration, final=prose.answer or prose.var
+        )
+        return note
 
     async def final_var(self, level: _Level, name: str, iteration: int) -> str | None:
         """The value of a session variable, read the way the model's own code would."""
         result = await level.session.exec(f"FINAL_VAR({name!r})")
-        self.event(
-            "final_var", depth=level.depth, iteration=iteration, name=name, found=result.final is not None
-        )
-        return result.final
+        # Only FINAL_VAR's own answer counts (an answer dict made ready would also set ``final``).
+        value = result.final if result.ending in (None, "final_var") else None
+        self.event("final_var", depth=level.depth, iteration=iteration, name=name, found=value is not None)
+        return value

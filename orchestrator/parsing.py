@@ -1,8 +1,9 @@
 """Reading a model response: its code blocks, and a FINAL written as text.
 
-Code runs from fenced blocks tagged ``repl`` or ``python``. A response without code blocks ends
-the run if it contains ``FINAL(answer)`` or ``FINAL_VAR(name)`` as text. A FINAL next to code
-blocks is ignored (models write the answer they expect before seeing their code's output).
+Code runs from fenced blocks tagged ``repl`` or ``python``. ``FINAL(answer)`` or
+``FINAL_VAR(name)`` written as text, at the start of a line and outside any code fence, is a
+prose ending; what the loop does with it depends on what stands beside it (docs/orchestrator.md,
+"Endings").
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ast
 import re
 from dataclasses import dataclass
 
-__all__ = ["FinalText", "extract_code_blocks", "find_final"]
+__all__ = ["FinalText", "extract_code_blocks", "find_final", "prose_after_code", "without_code"]
 
 # A fence opens at the start of a line with ``` (or more) and a repl/python tag, and closes with a
 # line of at least as many backticks.
@@ -20,15 +21,20 @@ _FENCE = re.compile(
     re.MULTILINE | re.DOTALL | re.IGNORECASE,
 )
 _FINAL_VAR = re.compile(r"^\s*FINAL_VAR\(\s*(?P<q>[\"']?)(?P<name>[A-Za-z_]\w*)(?P=q)\s*\)", re.MULTILINE)
-_FINAL = re.compile(r"^\s*FINAL\((?P<body>.*)\)\s*$", re.MULTILINE | re.DOTALL)
+_FINAL_START = re.compile(r"^[ \t]*FINAL\(", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
 class FinalText:
-    """A FINAL found in prose: either an answer, or the name of a session variable."""
+    """A FINAL found in prose: either an answer, or the name of a session variable.
+
+    ``complete`` is False for a ``FINAL(`` whose closing parenthesis never came: the response
+    was cut off (or the model forgot it), and ``answer`` is everything after the parenthesis.
+    """
 
     answer: str | None = None
     var: str | None = None
+    complete: bool = True
 
 
 def extract_code_blocks(text: str) -> list[str]:
@@ -36,7 +42,18 @@ def extract_code_blocks(text: str) -> list[str]:
     return [m.group("code").rstrip("\n") for m in _FENCE.finditer(text)]
 
 
-def _unquote(body: str) -> str:
+def without_code(text: str) -> str:
+    """The response with its code blocks taken out: what it says in words."""
+    return _FENCE.sub("", text)
+
+
+def prose_after_code(text: str) -> str:
+    """The text after the response's last code block ("" when there is none)."""
+    ends = [m.end() for m in _FENCE.finditer(text)]
+    return text[ends[-1] :] if ends else ""
+
+
+def _unquote(body: str, *, complete: bool) -> str:
     body = body.strip()
     if len(body) >= 2 and body[0] == body[-1] and body[0] in "\"'":
         try:
@@ -44,35 +61,50 @@ def _unquote(body: str) -> str:
         except (ValueError, SyntaxError):
             return body[1:-1]
         return str(value)
+    if not complete and body[:1] in ("'", '"'):
+        return body[1:].strip()  # a string literal cut off before its closing quote
     return body
 
 
-def find_final(text: str) -> FinalText | None:
-    """The FINAL_VAR or FINAL of a response, if it has one (checked outside any code fence)."""
-    prose = _FENCE.sub("", text)
-    var = _FINAL_VAR.search(prose)
-    if var:
-        return FinalText(var=var.group("name"))
-    # FINAL( ... ) may span lines; take the first FINAL( at a line start up to its last ")".
-    start = re.search(r"^\s*FINAL\(", prose, re.MULTILINE)
-    if start is None:
-        return None
-    rest = prose[start.start() :]
-    match = _FINAL.match(rest)
-    if match is None:
-        # No closing parenthesis at a line end: take the rest of the line after FINAL(.
-        line = rest.split("\n", 1)[0]
-        body = line.split("FINAL(", 1)[1].rstrip(") \t")
-        return FinalText(answer=_unquote(body))
-    body = match.group("body")
-    # FINAL(x) followed by more prose: cut at the parenthesis that balances the opening one.
+def _closing(text: str, start: int) -> int | None:
+    """The index of the parenthesis that closes the one before ``start``, or None.
+
+    Parentheses nest; inside a quoted body (one that starts with a quote) quotes are honoured,
+    so ``FINAL("a) b")`` reads whole. Apostrophes in unquoted prose (``it's``) are just text.
+    """
     depth = 1
-    for i, ch in enumerate(body):
+    i = start
+    while i < len(text) and text[i] in " \t":
+        i += 1
+    quote = text[i] if i < len(text) and text[i] in "\"'" else None
+    if quote is not None:
+        i += 1
+        while i < len(text) and text[i] != quote:
+            i += 2 if text[i] == "\\" else 1
+        i += 1
+    while i < len(text):
+        ch = text[i]
         if ch == "(":
             depth += 1
         elif ch == ")":
             depth -= 1
             if depth == 0:
-                body = body[:i]
-                break
-    return FinalText(answer=_unquote(body))
+                return i
+        i += 1
+    return None
+
+
+def find_final(text: str) -> FinalText | None:
+    """The FINAL_VAR or FINAL of a response, if it has one (looked for outside any code fence)."""
+    prose = without_code(text)
+    var = _FINAL_VAR.search(prose)
+    if var:
+        return FinalText(var=var.group("name"))
+    start = _FINAL_START.search(prose)
+    if start is None:
+        return None
+    end = _closing(prose, start.end())
+    if end is None:
+        # Cut off (a response at its length limit), or the parenthesis was forgotten.
+        return FinalText(answer=_unquote(prose[start.end() :], complete=False), complete=False)
+    return FinalText(answer=_unquote(prose[start.end() : end], complete=True))

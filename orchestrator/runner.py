@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from rlmq.protocol import AsyncHandlerClient
+from rlmq.protocol import AsyncHandlerClient, RlmqError
 from rlmq.protocol.sandbox import AsyncSandboxClient
 from rlmq.protocol.security import CurveClientKeys
 
@@ -19,6 +19,8 @@ from .settings import RunSettings
 from .trajectory import Trajectory
 
 __all__ = ["run_query"]
+
+PING_TIMEOUT_S = 5.0
 
 
 async def run_query(
@@ -39,7 +41,13 @@ async def run_query(
     ``show_progress``: a progress line on stderr, when stderr is a terminal.
     """
     async with AsyncHandlerClient(handler, curve=curve) as hc, AsyncSandboxClient(sandbox, curve=curve) as sc:
-        rlm = RLM(hc, sc, settings)
+        # The handler tells the sub-model's context window, which the system prompt passes on.
+        # A handler that does not answer is the run's problem to report, not this lookup's.
+        try:
+            window = (await hc.ping(timeout_s=PING_TIMEOUT_S)).context_windows.get(settings.sub_model)
+        except RlmqError:
+            window = None
+        rlm = RLM(hc, sc, settings, sub_window_tokens=window)
         if not show_progress:
             return await rlm.run(query, context, run_id=run_id, trajectory=trajectory)
         counters = functools.partial(rlm.counters, run_id)

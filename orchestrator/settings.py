@@ -11,6 +11,7 @@ from rlmq.protocol import RunLimits
 from rlmq.protocol.tables import check_table, field_kinds, read_toml
 
 from .errors import SettingsError
+from .prompts import ENDINGS
 
 __all__ = ["RunSettings", "SettingsError", "load_run_settings"]
 
@@ -36,6 +37,9 @@ class RunSettings:
     compaction: str = "window"  # window | summary
     keep_last_turns: int = 4  # turns (assistant + observation) kept whole by compaction
     model_timeout_s: float = 600.0
+    # Which endings the system prompt teaches: final (FINAL/FINAL_VAR), answer (the answer dict
+    # of rlms >= 0.1.2) or both. Every ending ends the run, whatever is taught.
+    endings: str = "final"
 
     def limits(self) -> RunLimits:
         return RunLimits(
@@ -55,6 +59,8 @@ class RunSettings:
             raise SettingsError(
                 f"compaction must be one of {', '.join(COMPACTION_MODES)}, not {self.compaction!r}"
             )
+        if self.endings not in ENDINGS:
+            raise SettingsError(f"endings must be one of {', '.join(ENDINGS)}, not {self.endings!r}")
         if self.keep_last_turns < 1:
             raise SettingsError("keep_last_turns must be at least 1")
         return self

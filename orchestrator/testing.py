@@ -6,7 +6,9 @@
                           budget (calls, input/output tokens, deadline) like the handler.
     InMemorySandbox       a ``Sandbox`` whose sessions run code with ``exec()`` in a dict
                           namespace holding ``context``, ``llm_query``, ``llm_query_batched``,
-                          ``rlm_query``, ``FINAL`` and ``FINAL_VAR``, wired to the fakes.
+                          ``rlm_query``, ``FINAL``, ``FINAL_VAR``, ``SHOW_VARS`` and the
+                          ``answer`` dict, wired to the fakes, with the worker's checks on
+                          sub-calls (context windows, a cap per exec).
     ManualClock           a clock the test moves by hand, for ``RLM(clock=...)``.
 
     rlm = RLM(models, InMemorySandbox(models), RunSettings())
@@ -60,6 +62,7 @@ __all__ = [
     "ModelRequest",
     "RLMQueryError",
     "ScriptedModelClient",
+    "ScriptedReply",
     "echo_last_user",
     "events",
 ]
@@ -157,7 +160,16 @@ class _Budget:
         )
 
 
-Scripted = str | RlmqError
+@dataclass(frozen=True, slots=True)
+class ScriptedReply:
+    """A scripted answer with its stop reason: ``ScriptedReply(text, "max_tokens")`` is a
+    response the provider cut at its length limit."""
+
+    text: str
+    stop_reason: str = "end_turn"
+
+
+Scripted = str | ScriptedReply | RlmqError
 
 
 class ScriptedModelClient:
@@ -257,12 +269,15 @@ class ScriptedModelClient:
                 budget.in_flight -= 1
                 budget.failed_calls += 1
             raise
-        usage = Usage(sum(_tokens(m.content) for m in messages), _tokens(answer))
+        text, stop_reason = (
+            (answer.text, answer.stop_reason) if isinstance(answer, ScriptedReply) else (answer, "end_turn")
+        )
+        usage = Usage(sum(_tokens(m.content) for m in messages), _tokens(text))
         if budget is not None:
             budget.in_flight -= 1
             budget.input_tokens += usage.input_tokens
             budget.output_tokens += usage.output_tokens
-        return CompleteReply(f"fake-{next(self._ids)}", answer, model, usage, stop_reason="end_turn")
+        return CompleteReply(f"fake-{next(self._ids)}", text, model, usage, stop_reason=stop_reason)
 
     def _budget(self, run: str) -> _Budget:
         budget = self._runs.get(run)
@@ -324,6 +339,8 @@ class InMemorySession:
         models: ModelClient | None,
         on_rlm_query: RlmCallback | None,
         wait_s: float,
+        context_windows: Mapping[str, int] | None = None,
+        max_sub_calls: int = 1_000,
     ) -> None:
         self.id = f"mem-{next(self._numbers)}"
         self.run = run
@@ -334,6 +351,8 @@ class InMemorySession:
         self.models = models
         self.on_rlm_query = on_rlm_query
         self.wait_s = wait_s
+        self.context_windows = dict(context_windows or {})
+        self.max_sub_calls = max_sub_calls
         self.codes: list[str] = []  # every block run here, in order
         self.closed = False
         self._busy = False
@@ -343,6 +362,7 @@ class InMemorySession:
         self._err = io.StringIO()
         self._final: str | None = None
         self._final_var: str | None = None
+        self._ending: str | None = None
         self._llm_calls = 0
         self.namespace: dict[str, Any] = {
             "__name__": "__main__",
@@ -354,9 +374,12 @@ class InMemorySession:
             "rlm_query": self._rlm_query,
             "FINAL": self._final_fn,
             "FINAL_VAR": self._final_var_fn,
+            "SHOW_VARS": self._show_vars,
+            "answer": {"content": "", "ready": False},
             "LLMQueryError": LLMQueryError,
             "RLMQueryError": RLMQueryError,
         }
+        self._helpers = frozenset(k for k in self.namespace if k not in ("context", "answer"))
 
     def __repr__(self) -> str:
         return f"<InMemorySession {self.id} run={self.run} depth={self.depth}>"
@@ -400,7 +423,7 @@ class InMemorySession:
         filename = f"<repl-{self._runs}>"
         linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
         self._out, self._err = io.StringIO(), io.StringIO()
-        self._final = self._final_var = None
+        self._final = self._final_var = self._ending = None
         self._llm_calls = 0
         error: ExecError | None = None
         started = time.perf_counter()
@@ -408,6 +431,8 @@ class InMemorySession:
             self._exec(code, filename)
         except BaseException as exc:  # the exec boundary: the model's code may raise anything
             error = ExecError("exception", type(exc).__name__, str(exc), _traceback(exc, filename))
+        if self._final is None:
+            self._answer_ready()
         stdout, cut_out = _cut(self._out.getvalue(), self.max_output_chars)
         stderr, cut_err = _cut(self._err.getvalue(), self.max_output_chars)
         return ExecResult(
@@ -420,6 +445,7 @@ class InMemorySession:
             truncated_chars=cut_out + cut_err,
             llm_calls=self._llm_calls,
             state_lost=False,
+            ending=self._ending,
         )
 
     def _exec(self, code: str, filename: str) -> None:
@@ -470,9 +496,32 @@ class InMemorySession:
             raise LLMQueryError("llm_query is not available: this InMemorySandbox has no model client")
         return self.models
 
+    def _count(self, n: int, what: str) -> None:
+        if self._llm_calls + n > self.max_sub_calls:
+            raise LLMQueryError(
+                f"{what}: this block has made {self._llm_calls:,} sub-calls and {n:,} more would pass "
+                f"the limit of {self.max_sub_calls:,} per block (max_sub_calls_per_exec); none of them "
+                "was sent. Give each sub-call a bigger chunk and use llm_query_batched."
+            )
+        self._llm_calls += n
+
+    def _over_window(self, alias: str, messages: list[ChatMessage]) -> tuple[int, int] | None:
+        """(estimated tokens, window) of a prompt over ``alias``'s window, else None."""
+        window = self.context_windows.get(alias)
+        tokens = -(-sum(len(m.content) for m in messages) // 4)
+        return None if window is None or tokens <= window else (tokens, window)
+
     def _llm_query(self, prompt: Any, model: str | None = None) -> str:
         client, messages, alias = self._client(), self._messages(prompt), model or self.sub_model
-        self._llm_calls += 1
+        over = self._over_window(alias, messages)
+        if over is not None:
+            tokens, window = over
+            raise LLMQueryError(
+                f"llm_query: the prompt is about {tokens:,} tokens, over the context window of "
+                f"{alias!r} ({window:,} tokens); nothing was sent. Split it into chunks of at most "
+                f"about {window * 3:,} characters and use llm_query_batched over the chunks."
+            )
+        self._count(1, "llm_query")
         try:
             reply = self._wait(
                 lambda: client.complete(messages, model=alias, run=self.run, depth=self.depth + 1)
@@ -489,7 +538,16 @@ class InMemorySession:
             raise TypeError("llm_query_batched takes a list of prompts; for one prompt use llm_query")
         client, alias = self._client(), model or self.sub_model
         batch = [self._messages(p) for p in prompts]
-        self._llm_calls += len(batch)
+        over = [(i, o[0]) for i, m in enumerate(batch) if (o := self._over_window(alias, m)) is not None]
+        if over:
+            window = self.context_windows[alias]
+            shown = ", ".join(f"{i} (about {t:,} tokens)" for i, t in over[:10])
+            raise LLMQueryError(
+                f"llm_query_batched: {len(over)} of {len(batch)} prompts are over the context window "
+                f"of {alias!r} ({window:,} tokens): index {shown}; none of the batch was sent. Split "
+                f"those into chunks of at most about {window * 3:,} characters."
+            )
+        self._count(len(batch), "llm_query_batched")
 
         async def gather() -> list[CompleteReply | BaseException]:
             return await asyncio.gather(
@@ -527,7 +585,7 @@ class InMemorySession:
             )
         if not isinstance(prompt, str):
             raise TypeError(f"rlm_query prompt must be a str, not {type(prompt).__name__}")
-        self._llm_calls += 1
+        self._count(1, "rlm_query")
         try:
             callback = self.on_rlm_query
             return str(self._wait(lambda: callback(prompt, context)))
@@ -542,18 +600,51 @@ class InMemorySession:
     def _final_fn(self, value: Any) -> None:
         self._final = str(value)
         self._final_var = None
+        self._ending = "final"
 
     def _final_var_fn(self, name: Any) -> None:
-        if not isinstance(name, str):
-            raise TypeError(
-                "FINAL_VAR takes the variable's name as a string, e.g. FINAL_VAR('answer'); "
-                f"got {type(name).__name__}"
+        """A str names a variable; anything else, or a str that is a variable's value, is the
+        answer itself (as in the worker, ``rlmq.sandbox.runtime.final_var_value``)."""
+        helpers = self._helpers
+        holder = next(
+            (
+                k
+                for k, v in self.namespace.items()
+                if v is name and k not in helpers and not k.startswith("_")
+            ),
+            None,
+        )
+        value: Any = name
+        if isinstance(name, str):
+            key = name.strip().strip("'\"").strip()
+            if key in self.namespace and key not in helpers:
+                value, holder = self.namespace[key], key
+            elif holder is None:
+                raise NameError(f"FINAL_VAR({key!r}): no variable named {key!r} is defined in this session")
+        self._final = str(value)
+        self._final_var = holder
+        self._ending = "final_var"
+
+    def _show_vars(self) -> str:
+        names = [
+            f"{k} ({type(v).__name__})"
+            for k, v in self.namespace.items()
+            if k not in self._helpers and not k.startswith("_") and not isinstance(v, types.ModuleType)
+        ]
+        return "Variables: " + ", ".join(names) if names else "No variables yet."
+
+    def _answer_ready(self) -> None:
+        """The ``answer`` dict ending: ``answer["content"]`` once ``answer["ready"]`` is true."""
+        answer = self.namespace.get("answer")
+        if not isinstance(answer, dict) or not answer.get("ready"):
+            return
+        content = str(answer.get("content", ""))
+        if not content.strip():
+            self._err.write(
+                '[rlmq] answer["ready"] is set but answer["content"] is empty: put the answer in it\n'
             )
-        key = name.strip().strip("'\"").strip()
-        if key not in self.namespace:
-            raise NameError(f"FINAL_VAR({key!r}): no variable named {key!r} is defined in this session")
-        self._final = str(self.namespace[key])
-        self._final_var = key
+            return
+        self._final, self._final_var, self._ending = content, None, "answer"
 
 
 def _traceback(exc: BaseException, filename: str) -> str:
@@ -578,6 +669,8 @@ class InMemorySandbox:
     max_output_chars: int = 20_000
     wait_s: float = 60.0  # bound on any sub-call a block waits for: nothing waits forever
     open_error: RlmqError | None = None
+    context_windows: Mapping[str, int] = field(default_factory=dict)  # alias -> tokens, as the handler tells
+    max_sub_calls: int = 1_000  # per exec, as a pool's max_sub_calls_per_exec
     sessions: list[InMemorySession] = field(default_factory=list)
 
     @property
@@ -610,6 +703,8 @@ class InMemorySandbox:
             models=self.models,
             on_rlm_query=on_rlm_query,
             wait_s=self.wait_s,
+            context_windows=self.context_windows,
+            max_sub_calls=self.max_sub_calls,
         )
         self.sessions.append(session)
         return session

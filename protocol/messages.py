@@ -487,21 +487,30 @@ class PongReply:
     server: str = "rlmq-lmhandler"
     versions: tuple[int, ...] = (PROTOCOL_VERSION,)
     models: tuple[str, ...] = ()
+    # alias -> prompt tokens the model reads at most (added in 1; absent from older handlers)
+    context_windows: Mapping[str, int] = field(default_factory=dict)
 
     def to_wire(self) -> Wire:
-        return _ok(
-            self.id,
-            {"server": self.server, "versions": list(self.versions), "models": list(self.models)},
-        )
+        body: Wire = {"server": self.server, "versions": list(self.versions), "models": list(self.models)}
+        if self.context_windows:
+            body["context_windows"] = dict(self.context_windows)
+        return _ok(self.id, body)
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> PongReply:
         rid = string(d, "id", None)
+        raw = d.get("context_windows")
+        windows = (
+            {str(k): v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0}
+            if isinstance(raw, Mapping)
+            else {}
+        )
         return cls(
             id=rid,
             server=str(d.get("server", "")),
             versions=tuple(int(v) for v in d.get("versions", ())),
             models=tuple(str(m) for m in d.get("models", ())),
+            context_windows=windows,
         )
 
 

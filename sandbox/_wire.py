@@ -41,6 +41,15 @@ def _opt_error(d: Mapping[str, Any], key: str) -> ErrorInfo | None:
     return None if d.get(key) is None else _error(d, key)
 
 
+def _opt_positive(d: Mapping[str, Any], key: str) -> int | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DecodeError(f"{key} must be a positive integer")
+    return value
+
+
 def _fields(d: Mapping[str, Any], nblobs: int, expected: int, op: str) -> None:
     if nblobs != expected:
         raise DecodeError(f"{op}: expected {expected} blob(s), got {nblobs}")
@@ -61,6 +70,7 @@ class Assign:
     context_format: str
     rlm_error: ErrorInfo | None  # None: rlm_query is available; else what it raises
     handler: str | None = None  # a per-session handler address (else the worker's default)
+    max_sub_calls: int | None = None  # per exec (else the worker's default)
 
     OP: ClassVar[str] = "assign"
 
@@ -75,6 +85,7 @@ class Assign:
                 "context_format": self.context_format,
                 "rlm_error": self.rlm_error.to_wire() if self.rlm_error is not None else None,
                 "handler": self.handler,
+                "max_sub_calls": self.max_sub_calls,
             }
         )
 
@@ -93,6 +104,7 @@ class Assign:
             context_format=fmt,
             rlm_error=_opt_error(d, "rlm_error"),
             handler=opt_string(d, "handler", None),
+            max_sub_calls=_opt_positive(d, "max_sub_calls"),
         )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from rlmq.protocol.errors import ConfigError
 from rlmq.protocol.tables import check_table, field_kinds, read_toml
 
+from .runtime import DEFAULT_MAX_SUB_CALLS
 from .spec import DEFAULT_PREIMPORT
 
 __all__ = ["DEFAULT_BIND", "ISOLATIONS", "ConfigError", "PoolConfig", "build_config", "load_table"]
@@ -33,6 +34,7 @@ class PoolConfig:
     max_sessions: int = 64  # beyond this, open is refused with `overloaded`
     exec_timeout_s: float = 120.0  # default per exec; a session may ask for another at open
     max_output_chars: int = 20_000  # per stream (stdout, stderr) per exec
+    max_sub_calls_per_exec: int = DEFAULT_MAX_SUB_CALLS  # llm_query prompts + rlm_query calls per exec
     memory_mb: int = 4096  # RLIMIT_AS of the code-running process
     cpu_s: int = 600  # RLIMIT_CPU over the worker's life
     fsize_mb: int = 256  # RLIMIT_FSIZE: the largest file the code may write
@@ -57,6 +59,7 @@ class PoolConfig:
             (self.max_sessions >= 1, "max_sessions must be >= 1"),
             (self.exec_timeout_s > 0, "exec_timeout_s must be positive"),
             (self.max_output_chars >= 100, "max_output_chars must be >= 100"),
+            (self.max_sub_calls_per_exec >= 1, "max_sub_calls_per_exec must be >= 1"),
             (self.memory_mb >= 256, "memory_mb must be >= 256 (the interpreter and ZeroMQ need room)"),
             (self.cpu_s >= 1, "cpu_s must be >= 1"),
             (self.fsize_mb >= 1, "fsize_mb must be >= 1"),

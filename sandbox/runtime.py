@@ -7,9 +7,18 @@ Pure Python with no sockets: the worker gives ``Repl`` an object that makes sub-
     llm_query(prompt, model=None) -> str
     llm_query_batched(prompts, model=None) -> list[str]
     rlm_query(prompt, context=None) -> str       (a child run, when depth allows)
-    FINAL(value), FINAL_VAR(name)                record the answer; the code runs on to its end
+    FINAL(value), FINAL_VAR(name)                record the answer; the code runs on to its end.
+                                                 FINAL_VAR takes a variable's name (a str) or,
+                                                 as the reference implementation does, its value
+    answer = {"content": "", "ready": False}     the other ending (rlms >= 0.1.2): the run ends
+                                                 after the exec that sets answer["ready"] true
+    SHOW_VARS()                                  the session's variables, with types and sizes
     LLMQueryError, RLMQueryError                 what failed sub-calls raise; their ``code`` and
                                                  ``retryable`` are the error's, as it travelled
+
+Sub-calls are checked before anything is sent: a prompt estimated over the sub-model's context
+window (``windows``) raises ``LLMQueryError`` (code ``too_large``), a batch with any such prompt
+sends none of them, and an exec past ``max_sub_calls`` sub-calls gets ``budget_exceeded``.
 
 Restricting builtins is not a security boundary and is not attempted here; isolation is the
 worker process's job (docs/security.md).
@@ -35,13 +44,20 @@ from rlmq.protocol.errors import ErrorCode, ErrorInfo
 from rlmq.protocol.sandbox import ExecError, ExecResult
 
 __all__ = [
+    "DEFAULT_MAX_SUB_CALLS",
     "LLMQueryError",
     "OutputCapture",
     "RLMQueryError",
     "Repl",
     "SubCalls",
+    "WindowOf",
     "truncate_note",
 ]
+
+DEFAULT_MAX_SUB_CALLS = 1_000  # per exec: a runaway loop of llm_query stops here, saying so
+
+# The alias a model=... resolves to and its context window in tokens, or None when unknown.
+WindowOf = Callable[[str | None], tuple[str, int] | None]
 
 
 class _SubCallError(RuntimeError):
@@ -172,6 +188,47 @@ class _Final:
     def __init__(self) -> None:
         self.value: str | None = None
         self.var: str | None = None
+        self.ending: str | None = None
+
+
+class _Shown(str):
+    """A str that a REPL echo shows as its text (``SHOW_VARS()`` on a last line), not its repr."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _prompt_chars(prompt: Any) -> int | None:
+    """The characters a prompt sends, or None for a shape the sub-call itself will refuse."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list | tuple):
+        total = 0
+        for m in prompt:
+            content = m.get("content") if isinstance(m, dict) else None
+            if not isinstance(content, str):
+                return None
+            total += len(content)
+        return total
+    return None
+
+
+def _tokens(chars: int) -> int:
+    return -(-chars // 4)  # 4 characters a token, as the handler estimates
+
+
+def _describe(value: Any) -> str:
+    kind = type(value).__name__
+    try:
+        if isinstance(value, str):
+            return f"{kind}, {len(value):,} chars"
+        if isinstance(value, list | tuple | dict | set | frozenset):
+            return f"{kind}, {len(value):,} items"
+    except Exception:  # a subclass's __len__ may raise anything
+        return kind
+    return kind
 
 
 class Repl:
@@ -186,14 +243,20 @@ class Repl:
         rlm_error: ErrorInfo | None = None,
         on_fork_check: Callable[[], None] | None = None,
         memory_mb: int | None = None,
+        windows: WindowOf | None = None,
+        max_sub_calls: int = DEFAULT_MAX_SUB_CALLS,
     ) -> None:
         """``rlm_error``: when set, rlm_query is unavailable and raises this error.
         ``on_fork_check``: called before every sub-call (the worker refuses them in forked
-        children, whose sockets are copies of the parent's)."""
+        children, whose sockets are copies of the parent's).
+        ``windows``: the context window of the model a sub-call names (None: unchecked here,
+        the handler still refuses). ``max_sub_calls``: sub-calls one exec may make."""
         self.calls = calls
         self.max_output_chars = max_output_chars
         self.rlm_error = rlm_error
         self.memory_mb = memory_mb
+        self.windows = windows
+        self.max_sub_calls = max_sub_calls
         self._check = on_fork_check or (lambda: None)
         self._runs = 0
         self._llm_calls = 0
@@ -209,20 +272,49 @@ class Repl:
             "rlm_query": self._rlm_query,
             "FINAL": self._final_fn,
             "FINAL_VAR": self._final_var_fn,
+            "SHOW_VARS": self._show_vars,
+            "answer": {"content": "", "ready": False},
             "LLMQueryError": LLMQueryError,
             "RLMQueryError": RLMQueryError,
         }
+        self._helpers = frozenset(k for k in self.namespace if k not in ("context", "answer"))
 
     # ------------------------------------------------------------ the model's functions
 
-    def _count(self, n: int) -> None:
+    def _count(self, n: int, what: str) -> None:
+        """Count ``n`` sub-calls of this exec, or refuse them all past ``max_sub_calls``."""
         with self._count_lock:
+            if self._llm_calls + n > self.max_sub_calls:
+                made = self._llm_calls
+                info = ErrorInfo(
+                    ErrorCode.BUDGET_EXCEEDED,
+                    f"{what}: this block has made {made:,} sub-calls and {n:,} more would pass the "
+                    f"limit of {self.max_sub_calls:,} per block (max_sub_calls_per_exec); none of "
+                    "them was sent. Give each sub-call a bigger chunk (about 50 lines or 10-50k "
+                    "characters) and use llm_query_batched, rather than one call per item.",
+                )
+                raise LLMQueryError(info.message, info=info)
             self._llm_calls += n
+
+    def _window(self, model: str | None) -> tuple[str, int] | None:
+        return None if self.windows is None else self.windows(model)
 
     def _llm_query(self, prompt: Any, model: str | None = None) -> str:
         """Ask a language model; returns its answer as a str."""
         self._check()
-        self._count(1)
+        window = self._window(model)
+        chars = _prompt_chars(prompt)
+        if window is not None and chars is not None and _tokens(chars) > window[1]:
+            alias, tokens = window
+            info = ErrorInfo(
+                ErrorCode.TOO_LARGE,
+                f"llm_query: the prompt is about {_tokens(chars):,} tokens ({chars:,} characters), "
+                f"over the context window of {alias!r} ({tokens:,} tokens); nothing was sent. Split "
+                f"it into chunks of at most about {tokens * 3:,} characters and use "
+                "llm_query_batched over the chunks.",
+            )
+            raise LLMQueryError(info.message, info=info)
+        self._count(1, "llm_query")
         return self.calls.complete(prompt, model)
 
     def _llm_query_batched(self, prompts: Sequence[Any], model: str | None = None) -> list[str]:
@@ -233,7 +325,26 @@ class Repl:
         prompts = list(prompts)
         if not prompts:
             return []
-        self._count(len(prompts))
+        window = self._window(model)
+        if window is not None:
+            alias, tokens = window
+            over = []
+            for i, prompt in enumerate(prompts):
+                chars = _prompt_chars(prompt)
+                if chars is not None and _tokens(chars) > tokens:
+                    over.append((i, _tokens(chars)))
+            if over:
+                shown = ", ".join(f"{i} (about {t:,} tokens)" for i, t in over[:10])
+                more = f" and {len(over) - 10} more" if len(over) > 10 else ""
+                info = ErrorInfo(
+                    ErrorCode.TOO_LARGE,
+                    f"llm_query_batched: {len(over)} of {len(prompts)} prompts are over the context "
+                    f"window of {alias!r} ({tokens:,} tokens): index {shown}{more}; none of the "
+                    f"batch was sent. Split those into chunks of at most about {tokens * 3:,} "
+                    "characters.",
+                )
+                raise LLMQueryError(info.message, info=info)
+        self._count(len(prompts), "llm_query_batched")
         return self.calls.complete_many(prompts, model)
 
     def _rlm_query(self, prompt: str, context: Any = None) -> str:
@@ -243,28 +354,47 @@ class Repl:
         self._check()
         if not isinstance(prompt, str):
             raise TypeError(f"rlm_query prompt must be a str, not {type(prompt).__name__}")
-        self._count(1)
+        self._count(1, "rlm_query")
         return self.calls.rlm_query(prompt, context)
 
     def _final_fn(self, value: Any) -> None:
         """Record ``value`` (as ``str(value)``) as the final answer."""
         self._final.value = _safe(str(value))
         self._final.var = None
+        self._final.ending = "final"
 
     def _final_var_fn(self, name: Any) -> None:
-        """Record the variable called ``name`` (a str) as the final answer."""
-        if not isinstance(name, str):
-            raise TypeError(
-                f"FINAL_VAR takes the variable's name as a string, e.g. FINAL_VAR('answer'); "
-                f"got {type(name).__name__}"
+        """Record the variable called ``name`` as the final answer; given a value that is not a
+        str (``FINAL_VAR(result)`` for a list), that value is the answer."""
+        value, var = final_var_value(self.namespace, name, self._helpers)
+        self._final.value = _safe(str(value))
+        self._final.var = var
+        self._final.ending = "final_var"
+
+    def _show_vars(self) -> str:
+        """The session's variables, with their types and sizes."""
+        return show_vars(self.namespace, self._helpers)
+
+    def _answer_ready(self) -> str | None:
+        """``answer["content"]`` once the code set ``answer["ready"]``; None before that. Empty
+        content is no answer: the model is told so on stderr and the run goes on."""
+        answer = self.namespace.get("answer")
+        if not isinstance(answer, dict):
+            return None
+        try:
+            if not answer.get("ready"):
+                return None
+            content = answer.get("content", "")
+            text = content if isinstance(content, str) else str(content)
+        except Exception:  # the model's own objects may raise anything from __bool__ or __str__
+            return None
+        if not text.strip():
+            print(
+                '[rlmq] answer["ready"] is set but answer["content"] is empty: put the answer in it',
+                file=sys.stderr,
             )
-        key = name.strip().strip("'\"").strip()
-        if key not in self.namespace:
-            raise NameError(
-                f"FINAL_VAR({key!r}): no variable named {key!r} is defined in this session", name=key
-            )
-        self._final.value = _safe(str(self.namespace[key]))
-        self._final.var = key
+            return None
+        return _safe(text)
 
     # ------------------------------------------------------------ exec
 
@@ -287,6 +417,10 @@ class Repl:
         except BaseException as exc:  # the model's code may raise anything, SystemExit included
             error = self._error(exc, filename)
         finally:
+            if self._final.value is None:
+                ready = self._answer_ready()
+                if ready is not None:
+                    self._final.value, self._final.var, self._final.ending = ready, None, "answer"
             sys.stdout, sys.stderr = saved
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         stdout, cut_out = out.value()
@@ -303,6 +437,7 @@ class Repl:
             truncated_chars=cut_out + cut_err,
             llm_calls=calls,
             state_lost=False,
+            ending=self._final.ending,
         )
 
     def _run_code(self, code: str, filename: str) -> None:
@@ -332,6 +467,42 @@ class Repl:
             half = self.max_output_chars // 2
             tb_text = tb_text[:half] + truncate_note(len(tb_text) - 2 * half) + tb_text[-half:]
         return ExecError(code=code, type=type(exc).__name__, message=message, traceback=_safe(tb_text))
+
+
+def final_var_value(namespace: dict[str, Any], name: Any, helpers: frozenset[str]) -> tuple[Any, str | None]:
+    """What ``FINAL_VAR(name)`` answers, and the variable it read (None when given a value).
+
+    A str names a variable (quotes and spaces around it are forgiven). Models also pass the value
+    itself: anything else is the answer, and so is a str that names nothing but *is* the value
+    of one of the session's variables (``FINAL_VAR(result)`` with ``result = "Paris"``).
+    """
+    holder = next(
+        (k for k, v in namespace.items() if v is name and k not in helpers and not k.startswith("_")), None
+    )
+    if not isinstance(name, str):
+        return name, holder
+    key = name.strip().strip("'\"").strip()
+    if key in namespace and key not in helpers:
+        return namespace[key], key
+    if holder is not None:
+        return name, holder
+    known = [k for k in namespace if k not in helpers and not k.startswith("_")]
+    raise NameError(
+        f"FINAL_VAR({key!r}): no variable named {key!r} is defined in this session (defined: "
+        f"{', '.join(known[:20]) or 'none'}). Assign it in a ```repl block first, or give the "
+        "answer itself with FINAL(answer).",
+        name=key,
+    )
+
+
+def show_vars(namespace: dict[str, Any], helpers: frozenset[str]) -> str:
+    """The ``SHOW_VARS()`` text: every variable the code (or the session) defined."""
+    shown = [
+        f"{k} ({_describe(v)})"
+        for k, v in namespace.items()
+        if k not in helpers and not k.startswith("_") and not isinstance(v, types.ModuleType)
+    ]
+    return _Shown("Variables: " + ", ".join(shown) if shown else "No variables yet.")
 
 
 def _message(exc: BaseException) -> str:

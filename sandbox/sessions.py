@@ -430,6 +430,7 @@ class SessionManager:
             context_format=session.context_format,
             rlm_error=session.rlm_error,
             handler=session.handler,
+            max_sub_calls=self.config.max_sub_calls_per_exec,
         )
         self._send_worker(worker, assign.to_wire(), [session.context_blob])
         limit = self.config.open_timeout_s

@@ -27,6 +27,7 @@ DEFAULT_PREIMPORT = [
     "string",
     "random",
     "datetime",
+    "_strptime",  # datetime.strptime / time.strptime import it lazily, on first use
     "time",
     "calendar",
     "heapq",

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 import zmq
@@ -57,7 +57,7 @@ from ._wire import (
     WorkerRlmQuery,
     decode_from_pool,
 )
-from .runtime import LLMQueryError, Repl, RLMQueryError
+from .runtime import DEFAULT_MAX_SUB_CALLS, LLMQueryError, Repl, RLMQueryError
 from .spec import WorkerSpec
 
 __all__ = ["main"]
@@ -72,6 +72,8 @@ PR_SET_NO_NEW_PRIVS = 38
 EXIT_ORPHANED = 70
 EXIT_NO_POOL = 72
 EXIT_SETUP = 73
+
+WINDOWS_PING_S = 2.0  # how long a worker waits for the handler to tell its context windows
 
 
 # ---------------------------------------------------------------- OS helpers
@@ -229,11 +231,30 @@ class SubCalls:
     """``llm_query`` through the handler (tagged with the run and depth + 1), ``rlm_query``
     through the pool to the orchestrator."""
 
-    def __init__(self, client: HandlerClient, link: PoolLink, sub_model: str) -> None:
+    def __init__(
+        self, client: HandlerClient, link: PoolLink, sub_model: str, windows: Mapping[str, int] | None = None
+    ) -> None:
+        """``windows``: the handler's context windows by alias, if already known (the start-up
+        ping); else asked once, on the first sub-call."""
         self.client = client
         self.link = link
         self.sub_model = sub_model
         self.exec_timeout_s = 3600.0  # updated per exec; bounds rlm_query's wait
+        self._windows = None if windows is None else dict(windows)
+
+    def context_window(self, model: str | None) -> tuple[str, int] | None:
+        """The alias ``model`` resolves to and its context window, from the handler's ping. An
+        older handler (or one that does not answer) tells none: the handler's admission still
+        refuses an oversized prompt, only after a round trip."""
+        alias = model if isinstance(model, str) and model else self.sub_model
+        if self._windows is None:
+            try:
+                self._windows = dict(self.client.ping(timeout_s=WINDOWS_PING_S).context_windows)
+            except RlmqError as exc:
+                log.warning("the handler did not tell its context windows: %s", exc.message)
+                self._windows = {}
+        tokens = self._windows.get(alias)
+        return None if tokens is None else (alias, tokens)
 
     @staticmethod
     def _check_prompt(prompt: Any, what: str) -> None:
@@ -302,12 +323,18 @@ def _refuse_in_fork() -> None:
 
 class _Worker:
     def __init__(
-        self, spec: WorkerSpec, ctx: zmq.Context[Any], link: PoolLink, client: HandlerClient
+        self,
+        spec: WorkerSpec,
+        ctx: zmq.Context[Any],
+        link: PoolLink,
+        client: HandlerClient,
+        windows: Mapping[str, int] | None = None,
     ) -> None:
         self.spec = spec
         self.ctx = ctx
         self.link = link
         self.client = client
+        self.windows = windows  # of the default handler, when its start-up ping told them
         self.repl: Repl | None = None
         self.calls: SubCalls | None = None
 
@@ -339,12 +366,12 @@ class _Worker:
             message = f"the context does not fit in the worker's memory limit ({self.spec.memory_mb} MB)"
             return Loaded(False, error=ErrorInfo(ErrorCode.TOO_LARGE, message))
         load_ms = (time.perf_counter() - started) * 1000.0
-        client = self.client
+        client, windows = self.client, self.windows
         if msg.handler is not None and msg.handler != self.spec.handler:
-            client = HandlerClient(msg.handler, context=self.ctx)
+            client, windows = HandlerClient(msg.handler, context=self.ctx), None
         client.run = msg.run
         client.depth = msg.depth + 1
-        self.calls = SubCalls(client, self.link, msg.sub_model)
+        self.calls = SubCalls(client, self.link, msg.sub_model, windows)
         self.repl = Repl(
             context,
             self.calls,
@@ -352,6 +379,8 @@ class _Worker:
             rlm_error=msg.rlm_error,
             on_fork_check=_refuse_in_fork,
             memory_mb=self.spec.memory_mb,
+            windows=self.calls.context_window,
+            max_sub_calls=msg.max_sub_calls or DEFAULT_MAX_SUB_CALLS,
         )
         kind, length, chars = context_shape(context)
         return Loaded(True, SessionInfo(os.getpid(), kind, length, chars, round(load_ms, 3)))
@@ -389,10 +418,12 @@ def _child(spec: WorkerSpec, nanny: int) -> NoReturn:
             log.error("worker %s cannot reach the pool at %s", spec.wid, spec.pool)
             os._exit(EXIT_NO_POOL)
     client = HandlerClient(spec.handler, context=ctx)
+    windows: Mapping[str, int] | None = None
     if spec.handler.startswith("ipc://"):
-        # Make the connection now, while the socket file is reachable (see _connect).
+        # Make the connection now, while the socket file is reachable (see _connect); the reply
+        # tells the models' context windows, so llm_query refuses oversized prompts at once.
         try:
-            client.ping(timeout_s=2.0)
+            windows = client.ping(timeout_s=2.0).context_windows or None
         except RlmqError as exc:
             log.warning(
                 "worker %s: handler %s did not answer a ping: %s", spec.wid, spec.handler, exc.message
@@ -411,7 +442,7 @@ def _child(spec: WorkerSpec, nanny: int) -> NoReturn:
     ).start()
     link = PoolLink(main_sock)
     link.send(Ready(os.getpid()).to_wire())
-    _Worker(spec, ctx, link, client).serve()
+    _Worker(spec, ctx, link, client, windows).serve()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

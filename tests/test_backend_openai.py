@@ -339,3 +339,63 @@ def test_redact_masks_long_secrets_and_truncates() -> None:
     assert _http.redact("a key k here", "k") == "a key k here"  # too short to be a real key
     long = _http.redact("x" * 2000, None)
     assert len(long) == _http.MAX_DETAIL_CHARS + 1
+
+
+# -- first contact: an unset key, a host that does not resolve ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base_url", "refused"),
+    [(None, True), ("https://gateway.example/v1", True), ("http://127.0.0.1:8080/v1", False)],
+)
+async def test_an_unset_key_variable_refuses_before_sending_except_on_loopback(
+    base_url: str | None, refused: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        return httpx.Response(200, json={"choices": [{"message": {"content": "ok"}}]})
+
+    cfg = config(base_url, api_key=None, api_key_env="MISSING_KEY")
+    b = OpenAIBackend(cfg, transport=httpx.MockTransport(handler))
+    try:
+        with caplog.at_level("WARNING"):
+            for _ in range(2):
+                if refused:
+                    with pytest.raises(BackendError) as info:
+                        await b.complete(request(("user", "hi")))
+                    assert info.value.code == ErrorCode.UNAUTHORIZED
+                    assert info.value.retryable is False
+                    assert "$MISSING_KEY is not set" in info.value.message
+                else:
+                    assert (await b.complete(request(("user", "hi")))).text == "ok"
+    finally:
+        await b.aclose()
+    assert len(seen) == (0 if refused else 2)
+    said = [r.getMessage() for r in caplog.records if "MISSING_KEY" in r.getMessage()]
+    assert len(said) == 1  # on first use, once
+    assert "'m'" in said[0]
+    if not refused:
+        assert "Authorization" not in seen[0].headers
+
+
+@pytest.mark.parametrize(
+    ("errno", "said"),
+    [(socket.EAI_NONAME, "Name or service not known"), (socket.EAI_AGAIN, "is this machine offline?")],
+)
+def test_a_name_resolution_failure_is_a_configuration_error(errno: int, said: str) -> None:
+    gai = socket.gaierror(errno, "Name or service not known")
+    try:
+        try:
+            raise gai
+        except socket.gaierror as inner:
+            raise httpx.ConnectError("Cannot connect to host") from inner
+    except httpx.ConnectError as exc:
+        error = _http.connection_error("model 'm'", exc, url="http://no-such-host.invalid/v1")
+    assert error.code == ErrorCode.BACKEND_ERROR
+    assert error.retryable is False
+    assert "cannot resolve the host name 'no-such-host.invalid'" in error.message
+    assert said in error.message
+    plain = _http.connection_error("model 'm'", ConnectionRefusedError("refused"))
+    assert plain.retryable is True  # any other connection failure stays a transient fault

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from rlmq.lmhandler.config import OFFLINE_CONCURRENCY, ConfigError, load_config, parse_config
+from rlmq.lmhandler.config import (
+    GENERIC_CONTEXT_WINDOW_TOKENS,
+    OFFLINE_CONCURRENCY,
+    ConfigError,
+    default_context_window,
+    is_loopback_url,
+    load_config,
+    parse_config,
+)
 from rlmq.protocol import ConfigError as ProtocolConfigError
 
 GOOD = """
@@ -67,8 +75,8 @@ def test_design_example_loads(tmp_path: Path) -> None:
         ('[models.a]\nbackend = "echo"\nmax_concurrency = true\n', "got a boolean"),
         ('[models.a]\nbackend = "echo"\nmax_concurrency = 0\n', "at least 1"),
         (
-            '[models.a]\nbackend = "anthropic"\nmodel = "c"\napi_key_env = "NOPE_UNSET"\n',
-            "$NOPE_UNSET, which is not set",
+            '[models.a]\nbackend = "echo"\ncontext_window_tokens = 0\n',
+            "context_window_tokens must be at least 1",
         ),
         ('[handler]\nbind = "tcp://x:1"\n', "no models configured"),
         ('[models.a]\nbackend = "echo"\n[handler]\nport = 3\n', "unknown key 'port' in [handler]"),
@@ -104,11 +112,119 @@ def test_the_environment_is_an_argument_never_read_behind_the_callers_back(
 ) -> None:
     monkeypatch.setenv("TEST_KEY", "sk-from-os-environ")
     path = write(tmp_path, GOOD)
-    with pytest.raises(ConfigError, match=r"\$TEST_KEY, which is not set"):
-        load_config(path, env={})  # os.environ has the key; the caller's environment does not
-    with pytest.raises(ConfigError, match="TEST_KEY"):
+    # os.environ has the key; the caller's environment does not
+    assert load_config(path, env={}).models["root"].api_key is None
+    assert (
         parse_config({"models": {"root": {"backend": "anthropic", "model": "c", "api_key_env": "TEST_KEY"}}})
+        .models["root"]
+        .key_problem()
+    )
     assert load_config(path, env={"TEST_KEY": "sk-given"}).models["root"].api_key == "sk-given"
+
+
+def test_an_unset_key_variable_is_one_line_naming_the_variable_and_the_alias(tmp_path: Path) -> None:
+    """Start does not refuse (the handler's other models may serve): the line is logged at
+    start and the call fails on use (tests/test_handler_http.py)."""
+    config = load_config(write(tmp_path, GOOD), env={})
+    problem = config.models["root"].key_problem()
+    assert problem is not None
+    assert "\n" not in problem
+    assert "$TEST_KEY is not set" in problem
+    assert "'root'" in problem
+    assert config.models["fake"].key_problem() is None  # offline backends need no key
+    assert config.models["sub"].key_problem() is None  # a base_url without api_key_env: keyless
+
+
+@pytest.mark.parametrize(
+    ("table", "variable"),
+    [
+        ({"backend": "anthropic", "model": "claude-sonnet-4-5"}, "ANTHROPIC_API_KEY"),
+        ({"backend": "openai", "model": "gpt-4o"}, "OPENAI_API_KEY"),
+    ],
+)
+def test_the_providers_own_api_reads_the_backends_usual_variable(
+    table: dict[str, str], variable: str
+) -> None:
+    model = parse_config({"models": {"root": table}}, env={}).models["root"]
+    assert model.api_key_env == variable
+    problem = model.key_problem()
+    assert problem is not None
+    assert f"${variable} is not set" in problem
+    assert "'root'" in problem
+    given = parse_config({"models": {"root": table}}, env={variable: "sk-x"}).models["root"]
+    assert given.api_key == "sk-x"
+    assert given.key_problem() is None
+
+
+def test_a_gateway_never_gets_the_providers_key_unless_named() -> None:
+    table = {"backend": "openai", "model": "m", "base_url": "https://gateway.example/v1"}
+    model = parse_config({"models": {"g": table}}, env={"OPENAI_API_KEY": "sk-openai"}).models["g"]
+    assert model.api_key is None
+    assert model.api_key_env is None
+    assert model.key_problem() is None
+
+
+def test_a_named_key_on_loopback_is_reported_but_may_run_keyless() -> None:
+    table = {
+        "backend": "openai",
+        "model": "m",
+        "base_url": "http://localhost:8080/v1",
+        "api_key_env": "LOCAL_KEY",
+    }
+    model = parse_config({"models": {"l": table}}, env={}).models["l"]
+    assert model.keyless_ok
+    problem = model.key_problem()
+    assert problem is not None
+    assert "$LOCAL_KEY" in problem
+    assert "without a key" in problem
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback"),
+    [
+        ("http://127.0.0.1:8000/v1", True),
+        ("http://127.9.9.9/v1", True),
+        ("http://[::1]:8080", True),
+        ("http://localhost:1234", True),
+        ("http://10.0.0.5:8000/v1", False),
+        ("https://api.openai.com/v1", False),
+        ("http://llama:8080/v1", False),
+        (None, False),
+    ],
+)
+def test_loopback_urls(url: str | None, loopback: bool) -> None:
+    assert is_loopback_url(url) is loopback
+
+
+@pytest.mark.parametrize(
+    ("backend", "model", "tokens"),
+    [
+        ("anthropic", "claude-sonnet-4-5", 200_000),
+        ("openai", "gpt-4o-mini", 128_000),
+        ("openai", "gpt-4.1", 1_047_576),
+        ("openai", "gpt-5-mini", 272_000),
+        ("openai", "qwen2.5-7b-instruct", 32_768),
+        ("openai", "Qwen/Qwen3-30B-A3B-Instruct-2507", 262_144),
+        ("openai", "llama3.1:8b", 131_072),
+        ("openai", "meta-llama/Meta-Llama-3.1-70B-Instruct", 131_072),
+        ("openai", "gemma-3-27b-it", 131_072),
+        ("openai", "some-model-we-never-heard-of", GENERIC_CONTEXT_WINDOW_TOKENS),
+    ],
+)
+def test_context_windows_default_by_family(backend: str, model: str, tokens: int) -> None:
+    assert default_context_window(backend, model) == tokens
+    config = parse_config({"models": {"m": {"backend": backend, "model": model}}}, env={})
+    assert config.models["m"].context_window_tokens == tokens
+
+
+def test_context_window_set_in_the_config_wins(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'model = "qwen2.5-7b-instruct"', 'model = "qwen2.5-7b-instruct"\ncontext_window_tokens = 8192'
+    )
+    config = load_config(write(tmp_path, text), env={})
+    assert config.models["sub"].context_window_tokens == 8192
+    assert config.models["root"].context_window_tokens == 200_000
+    assert config.models["fake"].context_window_tokens > 10**9  # offline backends read anything
 
 
 def test_config_error_is_the_one_of_rlmq_protocol() -> None:

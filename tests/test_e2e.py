@@ -191,3 +191,60 @@ def test_two_orchestrators_share_one_rlmq_up(tmp_path: Path) -> None:
             up.kill()
             up.communicate()
     assert up.returncode == 0
+
+
+# Endings real root models write, through `rlmq run` with the script backend (every ending and
+# fallback, on the fakes and on in-process services, is tests/test_endings.py).
+ENDING_SCRIPTS = {
+    "final_var_after_code": (
+        [
+            "Counting.\n```repl\nhits = [l for l in context.splitlines() if 'needle' in l]\n"
+            "count = len(hits)\nprint(count)\n```\nFINAL_VAR(count)"
+        ],
+        "4",
+    ),
+    "code_final_var": (
+        [
+            "```repl\nhits = [l for l in context.splitlines() if 'needle' in l]\n"
+            "found = f'{len(hits)} found'\nFINAL_VAR(found)\n```"
+        ],
+        "4 found",
+    ),
+    "answer_dict": (
+        [
+            "```repl\nanswer['content'] = str(sum('needle' in l for l in context.splitlines()))\n"
+            "print(answer)\n```",
+            "```repl\nanswer['content'] += ' needles'\nanswer['ready'] = True\n```",
+        ],
+        "4 needles",
+    ),
+}
+
+
+@pytest.mark.parametrize("ending", list(ENDING_SCRIPTS))
+def test_run_command_ends_the_ways_models_end(tmp_path: Path, ending: str) -> None:
+    responses, answer = ENDING_SCRIPTS[ending]
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(responses))
+    config = tmp_path / "rlmq.toml"
+    config.write_text(
+        f'[models.root]\nbackend = "script"\npath = "{script}"\n\n'
+        '[models.sub]\nbackend = "echo"\n\n[sandbox]\nworkers = 1\n[run]\nendings = "both"\n'
+    )
+    trajectory = tmp_path / "t.jsonl"
+    done = subprocess.run(
+        [
+            *RLMQ,
+            *("run", "--config", str(config), "-q", "How many needles?"),
+            *("--context", str(context_file(tmp_path, 4)), "--trajectory", str(trajectory), "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert (out["answer"], out["stop_reason"]) == (answer, "final")
+    finals = [json.loads(line) for line in trajectory.read_text().splitlines()]
+    assert [r["ending"] for r in finals if r["event"] == "final"] == [ending]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from rlmq.eval import DEFAULT_CONTEXT_WINDOW_TOKENS, context_window_tokens, direct_prompt
+from rlmq.lmhandler.config import default_context_window
 from rlmq.protocol import ConfigError
 
 CONTEXT = "\n".join(f"line {i:05d} of the record" for i in range(10_000))  # 250K characters
@@ -40,8 +41,9 @@ def test_the_context_window_comes_from_the_root_models_table(tmp_path: Path) -> 
     assert context_window_tokens(config, "root") == 32_000
     assert context_window_tokens(config, "sub") == DEFAULT_CONTEXT_WINDOW_TOKENS == 128_000
     assert context_window_tokens(tmp_path / "missing.toml", "root") == 128_000
-    config.write_text('[models.root]\nbackend = "echo"\ncontext_window_tokens = 0\n')
-    assert context_window_tokens(config, "root") == 128_000  # 0: not set
+    # Unset on an HTTP model: the default of its family, as the handler resolves it.
+    config.write_text('[models.root]\nbackend = "anthropic"\nmodel = "claude-sonnet-4-5"\n')
+    assert context_window_tokens(config, "root") == default_context_window("anthropic", "claude-sonnet-4-5")
 
 
 @pytest.mark.parametrize("value", ['"big"', "-5", "500", "true"])

@@ -483,3 +483,24 @@ async def test_the_same_run_id_twice_at_once_is_refused() -> None:
         await rlm.run("Q", "c", run_id="same")
     release.set()
     assert (await first).answer == "1"
+
+
+# ---------------------------------------------------------------- sub-calls guarded before they are sent
+
+
+async def test_the_fake_sandbox_refuses_oversized_prompts_and_runaway_loops_like_a_worker() -> None:
+    kit = Kit(sandbox=InMemorySandbox(context_windows={"sub": 10}, max_sub_calls=3))
+    result = await run(
+        kit,
+        [
+            "```repl\nllm_query(context * 20)\n```",
+            "```repl\nllm_query_batched(['ok', context * 20])\n```",
+            "```repl\nfor i in range(5):\n    llm_query(str(i))\n```",
+            "FINAL(done)",
+        ],
+    )
+    assert result.answer == "done"
+    assert "about 25 tokens, over the context window of 'sub' (10 tokens)" in kit.user(1)
+    assert "1 of 2 prompts are over the context window" in kit.user(2)
+    assert "limit of 3 per block" in kit.user(3)
+    assert len(kit.model.requests_for(model="sub")) == 3  # only the loop's first three were sent

@@ -15,6 +15,7 @@ import zmq.asyncio
 
 from rlmq.lmhandler.testing import ScriptedModel, echo_model, running_handler
 from rlmq.orchestrator.loop import LAST_CALL, NO_CODE_NUDGE, RLM, RunResult
+from rlmq.orchestrator.runner import run_query
 from rlmq.orchestrator.settings import RunSettings
 from rlmq.orchestrator.trajectory import Trajectory
 from rlmq.protocol import AsyncHandlerClient
@@ -210,3 +211,28 @@ async def test_a_failed_child_run_reaches_the_models_code_as_rlm_failed(stack: S
     (root_exec,) = [e for e in events(trajectory, "exec") if e["depth"] == 0]
     assert "rlm_query failed: (rlm_failed) the recursive run stopped: budget_exceeded" in root_exec["stdout"]
     assert result.stop_reason == "budget_exceeded"
+
+
+async def test_run_query_tells_the_model_the_sub_models_window(actx: zmq.asyncio.Context) -> None:
+    model = ScriptedModel()
+    model.script("w1", ["FINAL(ok)"])
+    async with (
+        running_handler(
+            {"root": echo_model(), "sub": echo_model(context_window_tokens=8_192)}, backends={"root": model}
+        ) as h,
+        running_pool(h.address or "", workers=1) as pool,
+    ):
+        result = await run_query(
+            "Q?",
+            "ctx",
+            handler=h.address or "",
+            sandbox=pool.address,
+            settings=RunSettings(),
+            trajectory=Trajectory(None),
+            run_id="w1",
+            show_progress=False,
+        )
+    assert result.answer == "ok"
+    system = model.requests[0][1][0]
+    assert system.role == "system"
+    assert "about 8,192 tokens" in system.content

@@ -27,3 +27,12 @@ def test_settings_from_config_and_flags(tmp_path: Path) -> None:
 def test_settings_errors_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="compaction must be one of window, summary"):
         RunSettings(compaction="squash").validated()
+
+
+def test_endings_choose_what_the_prompt_teaches(tmp_path: Path) -> None:
+    config = tmp_path / "rlmq.toml"
+    config.write_text('[run]\nendings = "answer"\n')
+    assert load_run_settings(config, {}).endings == "answer"
+    assert RunSettings().endings == "final"
+    with pytest.raises(SettingsError, match="endings must be one of final, answer, both"):
+        RunSettings(endings="json").validated()

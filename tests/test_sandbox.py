@@ -20,9 +20,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from rlmq.fakeprovider import FakeProvider, FakeProviderConfig
 from rlmq.lmhandler.backends import Backend, BackendRequest, Completion
 from rlmq.lmhandler.server import Handler
-from rlmq.lmhandler.testing import echo_model, running_handler
+from rlmq.lmhandler.testing import echo_model, ipc_address, running_handler
 from rlmq.protocol import (
     AsyncHandlerClient,
     DecodeError,
@@ -135,9 +136,106 @@ def test_repl_final_and_final_var_record_and_run_on() -> None:
     assert missing.error is not None
     assert missing.error.type == "NameError"
     assert "no variable named 'nope'" in missing.error.message
-    wrong = repl.run("FINAL_VAR(answer)")
-    assert wrong.error is not None
-    assert wrong.error.type == "TypeError"
+    # Given the value rather than the name (as models write it), the value is the answer.
+    value = repl.run("FINAL_VAR(answer)")
+    assert (value.error, value.final, value.final_var, value.ending) == (
+        None,
+        "['a', 'b']",
+        "answer",
+        "final_var",
+    )
+
+
+def test_repl_final_var_given_a_value_or_a_str_value() -> None:
+    repl = Repl("", FakeCalls())
+    assert repl.run("FINAL_VAR(6 * 7)").final == "42"  # a value that is no variable's: still the answer
+    result = repl.run("city = 'Paris'\nFINAL_VAR(city)")  # the str value of a variable
+    assert (result.final, result.final_var, result.ending) == ("Paris", "city", "final_var")
+    missing = repl.run("FINAL_VAR('Lyon')")
+    assert missing.error is not None
+    assert "(defined: context, answer, city)" in missing.error.message
+    assert "FINAL(answer)" in missing.error.message
+
+
+def test_repl_answer_dict_ends_when_ready() -> None:
+    repl = Repl("", FakeCalls())
+    assert repl.run("answer").stdout == "{'content': '', 'ready': False}\n"
+    draft = repl.run("answer['content'] = 'forty-two'")
+    assert (draft.final, draft.ending) == (None, None)
+    done = repl.run("answer['content'] = 42\nanswer['ready'] = True\nprint('set')")
+    assert (done.final, done.final_var, done.ending, done.stdout) == ("42", None, "answer", "set\n")
+    empty = Repl("", FakeCalls()).run("answer['ready'] = True")
+    assert empty.final is None
+    assert 'answer["content"] is empty' in empty.stderr
+    both = Repl("", FakeCalls()).run("answer.update(content='dict', ready=True)\nFINAL('explicit')")
+    assert (both.final, both.ending) == ("explicit", "final")  # FINAL called in code wins
+    rebound = Repl("", FakeCalls()).run("answer = 'just a string'")
+    assert rebound.final is None
+    assert rebound.error is None
+
+
+def test_repl_show_vars_lists_the_sessions_variables() -> None:
+    repl = Repl("a context", FakeCalls())
+    shown = repl.run("import re\nhits = [1, 2]\n_private = 1\nSHOW_VARS()")
+    assert shown.stdout == "Variables: context (str, 9 chars), answer (dict, 2 items), hits (list, 2 items)\n"
+    assert "llm_query" not in shown.stdout
+    assert "re (" not in shown.stdout
+
+
+def _windows(model: str | None) -> tuple[str, int] | None:
+    alias = model or "sub"
+    return (alias, 100) if alias == "sub" else None
+
+
+def test_repl_refuses_a_prompt_over_the_window_before_sending_it() -> None:
+    calls = FakeCalls()
+    repl = Repl("", calls, windows=_windows)
+    result = repl.run("llm_query('x' * 401)")
+    assert result.error is not None
+    assert result.error.type == "LLMQueryError"
+    message = result.error.message
+    assert "about 101 tokens (401 characters)" in message
+    assert "'sub' (100 tokens)" in message
+    assert "nothing was sent" in message
+    assert "llm_query_batched" in message
+    assert calls.prompts == []
+    assert result.llm_calls == 0
+    code = repl.run("try:\n    llm_query('x' * 401)\nexcept LLMQueryError as e:\n    print(e.code)")
+    assert code.stdout == "too_large\n"
+    assert repl.run("llm_query('x' * 400)").error is None  # exactly the window fits
+    assert repl.run("llm_query('x' * 9000, model='big')").error is None  # a window not known: sent
+    chat = repl.run("llm_query([{'role': 'user', 'content': 'y' * 500}])")
+    assert chat.error is not None
+    assert "about 125 tokens" in chat.error.message
+
+
+def test_repl_batch_names_the_prompts_over_the_window_and_sends_none() -> None:
+    calls = FakeCalls()
+    repl = Repl("", calls, windows=_windows)
+    result = repl.run("llm_query_batched(['ok', 'x' * 800, 'fine', 'y' * 1200])")
+    assert result.error is not None
+    message = result.error.message
+    assert "2 of 4 prompts are over the context window of 'sub' (100 tokens)" in message
+    assert "index 1 (about 200 tokens), 3 (about 300 tokens)" in message
+    assert "none of the batch was sent" in message
+    assert calls.prompts == []
+    assert result.llm_calls == 0
+
+
+def test_repl_caps_sub_calls_per_exec() -> None:
+    calls = FakeCalls()
+    repl = Repl("", calls, max_sub_calls=5)
+    loop = repl.run("for i in range(10):\n    llm_query(str(i))")
+    assert loop.error is not None
+    assert loop.error.type == "LLMQueryError"
+    assert "made 5 sub-calls" in loop.error.message
+    assert "limit of 5 per block" in loop.error.message
+    assert len(calls.prompts) == 5
+    assert loop.llm_calls == 5
+    caught = repl.run("try:\n    llm_query_batched(['a'] * 6)\nexcept LLMQueryError as e:\n    print(e.code)")
+    assert caught.stdout == "budget_exceeded\n"
+    assert len(calls.prompts) == 5
+    assert repl.run("llm_query_batched(['a'] * 5)").error is None  # the count is per exec
 
 
 def test_repl_errors_carry_a_trimmed_traceback() -> None:
@@ -191,6 +289,10 @@ def test_worker_hop_carries_errors_structurally() -> None:
     refusal = ErrorInfo(ErrorCode.BAD_REQUEST, "rlm_query is disabled at depth 1")
     assign = Assign("s-1", "r", 1, "sub", 1000, "text", refusal, None)
     assert decode_from_pool(pack(assign.to_wire()), 1) == assign
+    capped = Assign("s-1", "r", 1, "sub", 1000, "text", None, None, max_sub_calls=7)
+    assert decode_from_pool(pack(capped.to_wire()), 1) == capped
+    with pytest.raises(DecodeError, match="max_sub_calls"):
+        decode_from_pool(pack(capped.to_wire() | {"max_sub_calls": 0}), 1)
     answer = RlmAnswer("q1", False, error=ErrorInfo(ErrorCode.TIMEOUT, "child timed out", True))
     assert decode_from_pool(pack(answer.to_wire()), 0) == answer
     assert decode_from_pool(pack(RlmAnswer("q2", True, text="hi").to_wire()), 0) == RlmAnswer(
@@ -347,6 +449,16 @@ async def test_state_persists_across_execs(client: AsyncSandboxClient) -> None:
     await session.close()
 
 
+async def test_dates_parse_in_a_session(client: AsyncSandboxClient) -> None:
+    """strptime imports _strptime on first use, which a worker under a dropped uid may not be
+    able to read by then (an interpreter under /root): it is pre-imported (found by rlmq eval)."""
+    session = await client.open(run="r-dates", context="Date: Mar 04, 2024 || User: 7")
+    code = "import datetime\nprint(datetime.datetime.strptime(context[6:18], '%b %d, %Y').date())"
+    result = ok(await session.exec(code))
+    assert result.stdout == "2024-03-04\n"
+    await session.close()
+
+
 async def test_llm_query_answers_tagged_with_run_and_counted(
     client: AsyncSandboxClient, handler: Handler
 ) -> None:
@@ -400,6 +512,70 @@ async def test_a_failed_batch_prompt_is_named(client: AsyncSandboxClient, handle
     assert "2 of 5 prompts failed (indexes 3, 4)" in result.error.message
     assert "budget_exceeded" in result.error.message
     await session.close()
+
+
+@pytest.mark.parametrize(
+    ("backend", "bind"),
+    [("anthropic", "tcp"), ("openai", "tcp"), ("openai", "ipc")],
+)
+async def test_an_oversized_prompt_never_leaves_the_worker(
+    backend: str, bind: str, actx: zmq.asyncio.Context
+) -> None:
+    """The worker knows the sub-model's window (from the handler's ping: at start over ipc, on
+    the first sub-call over tcp) and refuses before any request is sent: the provider sees
+    nothing, and the handler no ``complete``."""
+    async with FakeProvider(FakeProviderConfig(api_key="sk-test")) as fp:
+        base = fp.base_url + ("/v1" if backend == "openai" else "")
+        sub = {
+            "backend": backend,
+            "model": "m",
+            "base_url": base,
+            "api_key_env": "K",
+            "context_window_tokens": 50,
+        }
+        address = ipc_address() if bind == "ipc" else "tcp://127.0.0.1:0"
+        async with (
+            running_handler({"sub": sub}, bind=address, env={"K": "sk-test"}) as h,
+            running_pool(h.address or "", workers=1) as pool,
+            AsyncSandboxClient(pool.address, context=actx) as client,
+        ):
+            session = await client.open(run="r-window", context="z" * 1000)
+            one = await session.exec("llm_query(context)")
+            assert one.error is not None
+            assert one.error.type == "LLMQueryError"
+            assert "about 250 tokens" in one.error.message
+            assert "'sub' (50 tokens)" in one.error.message
+            many = await session.exec("llm_query_batched(['short', context, 'also short'])")
+            assert many.error is not None
+            assert "1 of 3 prompts" in many.error.message
+            assert "index 1 (about 250 tokens)" in many.error.message
+            assert (one.llm_calls, many.llm_calls) == (0, 0)
+            assert "complete" not in h.stats.by_op
+            fits = await session.exec("print(llm_query(context[:200]))")
+            assert fits.error is None
+            assert fits.stdout == "z" * 200 + "\n"
+            await session.close()
+        assert len(fp.requests) == 1  # only the prompt that fits
+
+
+async def test_a_runaway_loop_of_sub_calls_stops_at_the_per_exec_cap(
+    handler: Handler, actx: zmq.asyncio.Context
+) -> None:
+    async with (
+        running_pool(handler.address or "", workers=1, max_sub_calls_per_exec=3) as pool,
+        AsyncSandboxClient(pool.address, context=actx) as client,
+    ):
+        session = await client.open(run="r-cap", context="a\nb\nc\nd\ne")
+        result = await session.exec(
+            "out = []\nfor line in context.splitlines():\n    out.append(llm_query(line))"
+        )
+        assert result.error is not None
+        assert result.error.type == "LLMQueryError"
+        assert "limit of 3 per block (max_sub_calls_per_exec)" in result.error.message
+        assert result.llm_calls == 3
+        again = await session.exec("print(len(out), llm_query('next exec'))")
+        assert again.stdout == "3 next exec\n"  # the count starts again with each exec
+        await session.close()
 
 
 async def test_40mb_context_is_loaded_whole(client: AsyncSandboxClient) -> None:

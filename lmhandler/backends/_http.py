@@ -14,23 +14,30 @@ to ``BackendError``, and keeping provider error text short and free of the API k
     other 5xx                BACKEND_ERROR    yes
     client timeout           TIMEOUT          yes
     connection failure       BACKEND_ERROR    yes
+    host name not resolved   BACKEND_ERROR    no   (a configuration error: base_url, or DNS)
     200 with a bad body      BACKEND_ERROR    yes
+    no key where one is due  UNAUTHORIZED     no   (never sent; see ``KeyCheck``)
 """
 
 from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import math
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from rlmq.protocol import ErrorCode
 
+from ..config import ModelConfig
 from .base import BackendError
 
 __all__ = [
+    "KeyCheck",
     "connection_error",
     "error_detail",
     "malformed_error",
@@ -40,6 +47,8 @@ __all__ = [
     "status_error",
     "timeout_error",
 ]
+
+log = logging.getLogger(__name__)
 
 MAX_DETAIL_CHARS: Final = 500
 MIN_SECRET_CHARS: Final = 8
@@ -163,7 +172,59 @@ def timeout_error(where: str, timeout_s: float | None, detail: str = "") -> Back
     return BackendError(ErrorCode.TIMEOUT, f"{where}: no response{after}{extra}", retryable=True)
 
 
-def connection_error(where: str, exc: BaseException, secret: str | None = None) -> BackendError:
+class KeyCheck:
+    """A model whose key variable is unset: said on first use (the handler said it at start too).
+
+    Where a key is due (the provider's API, a remote gateway) every call fails with
+    ``unauthorized`` before anything is sent; a server on loopback may run keyless, so calls to
+    it go without a key."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.problem = config.key_problem()
+        self.refuse = self.problem is not None and not config.keyless_ok
+        self._said = False
+
+    def before_call(self) -> None:
+        if self.problem is None:
+            return
+        if not self._said:
+            self._said = True
+            log.warning("%s", self.problem)
+        if self.refuse:
+            raise BackendError(ErrorCode.UNAUTHORIZED, f"{self.problem}; nothing was sent", retryable=False)
+
+
+def _unresolved(exc: BaseException) -> socket.gaierror | None:
+    """The name-resolution failure behind a connection error, if that is what it was."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return current
+        os_error = getattr(current, "os_error", None)  # aiohttp keeps it there
+        if isinstance(os_error, socket.gaierror):
+            return os_error
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def connection_error(
+    where: str, exc: BaseException, secret: str | None = None, *, url: str | None = None
+) -> BackendError:
+    """A failed connection: retryable, unless the host name did not resolve (``url`` names it),
+    which is a configuration error and said so: retrying it only makes a newcomer wait."""
+    gai = _unresolved(exc)
+    if gai is not None:
+        host = (urlsplit(url).hostname if url else None) or "the provider's host"
+        temporary = gai.errno == socket.EAI_AGAIN
+        why = "temporary failure in name resolution: is this machine offline?" if temporary else gai.strerror
+        return BackendError(
+            ErrorCode.BACKEND_ERROR,
+            f"{where}: cannot resolve the host name {host!r} ({why}). Check base_url in this "
+            "model's table of the config, and this machine's network; not retried",
+            retryable=False,
+        )
     detail = redact(str(exc) or type(exc).__name__, secret)
     return BackendError(
         ErrorCode.BACKEND_ERROR,

@@ -48,6 +48,8 @@ class AnthropicBackend(Backend):
     def __init__(self, config: ModelConfig, *, http_client: httpx2.AsyncClient | None = None) -> None:
         self._config = config
         self._where = f"model {config.alias!r} ({config.model} at anthropic)"
+        self._url = config.base_url or DEFAULT_BASE_URL
+        self._key = _http.KeyCheck(config)
         timeout = httpx2.Timeout(config.timeout_s, connect=config.connect_timeout_s)
         if http_client is None:
             # The aiohttp transport honours ``limits.max_connections`` as the connector's limit
@@ -74,6 +76,7 @@ class AnthropicBackend(Backend):
         self._warned_temperature = False
 
     async def complete(self, request: BackendRequest) -> Completion:
+        self._key.before_call()
         messages = build_messages(request.chat, caching=self._config.prompt_caching)
         if not messages:
             raise BackendError(
@@ -103,7 +106,7 @@ class AnthropicBackend(Backend):
             raise _http.timeout_error(self._where, total_s) from None
         except anthropic.APIConnectionError as exc:
             cause = exc.__cause__ or exc
-            raise _http.connection_error(self._where, cause, self._config.api_key) from None
+            raise _http.connection_error(self._where, cause, self._config.api_key, url=self._url) from None
         except anthropic.APIStatusError as exc:
             raise self._status_error(exc) from None
         except anthropic.APIResponseValidationError as exc:

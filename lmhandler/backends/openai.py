@@ -31,6 +31,8 @@ class OpenAIBackend(Backend):
     def __init__(self, config: ModelConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._config = config
         base_url = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._url = base_url
+        self._key = _http.KeyCheck(config)
         self._where = f"model {config.alias!r} ({config.model} at {base_url})"
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         limits = httpx.Limits(
@@ -50,6 +52,7 @@ class OpenAIBackend(Backend):
         )
 
     async def complete(self, request: BackendRequest) -> Completion:
+        self._key.before_call()
         body: dict[str, Any] = {
             "model": request.model,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
@@ -64,9 +67,11 @@ class OpenAIBackend(Backend):
         except httpx.TimeoutException as exc:
             if _really_timed_out(exc):
                 raise _http.timeout_error(self._where, total_s) from None
-            raise _http.connection_error(self._where, exc.__cause__ or exc, self._config.api_key) from None
+            raise _http.connection_error(
+                self._where, exc.__cause__ or exc, self._config.api_key, url=self._url
+            ) from None
         except httpx.TransportError as exc:
-            raise _http.connection_error(self._where, exc, self._config.api_key) from None
+            raise _http.connection_error(self._where, exc, self._config.api_key, url=self._url) from None
         if response.status_code >= 400:
             raise self._status_error(response)
         return self._completion(response, request)

@@ -80,7 +80,9 @@ class ExecError:
 
 @dataclass(frozen=True, slots=True)
 class ExecResult:
-    """What one exec produced. ``final`` is ``str(value)`` of the last FINAL/FINAL_VAR call."""
+    """What one exec produced. ``final`` is the answer if the code ended the run: ``str(value)``
+    of the last FINAL/FINAL_VAR call, or ``answer["content"]`` once ``answer["ready"]`` was set;
+    ``ending`` says which (``final``, ``final_var``, ``answer``; None from older pools)."""
 
     stdout: str
     stderr: str
@@ -91,9 +93,10 @@ class ExecResult:
     truncated_chars: int
     llm_calls: int
     state_lost: bool
+    ending: str | None = None
 
     def to_wire(self) -> Wire:
-        return {
+        wire: Wire = {
             "stdout": self.stdout,
             "stderr": self.stderr,
             "error": None if self.error is None else self.error.to_wire(),
@@ -104,6 +107,9 @@ class ExecResult:
             "llm_calls": self.llm_calls,
             "state_lost": self.state_lost,
         }
+        if self.ending is not None:
+            wire["ending"] = self.ending
+        return wire
 
     @classmethod
     def from_wire(cls, d: Any, rid: str | None = None) -> ExecResult:
@@ -120,6 +126,7 @@ class ExecResult:
             truncated_chars=opt_int(d, "truncated_chars", rid) or 0,
             llm_calls=opt_int(d, "llm_calls", rid) or 0,
             state_lost=bool(optional(d, "state_lost", (bool,), "a boolean", rid)),
+            ending=opt_string(d, "ending", rid),
         )
 
     @property

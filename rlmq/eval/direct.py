@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlmq.lmhandler.config import OFFLINE_CONTEXT_WINDOW_TOKENS, load_config
 from rlmq.protocol import AsyncHandlerClient, ConfigError, RemoteError, RunLimits, RunUsage
-from rlmq.protocol.tables import read_toml
 
 from .tasks import CHARS_PER_TOKEN
 
@@ -26,23 +25,23 @@ RESERVED_TOKENS = 1_000
 
 
 def context_window_tokens(config: str | os.PathLike[str] | None, alias: str) -> int:
-    """``[models.ALIAS].context_window_tokens`` of the config, else 128,000 tokens (0 too means
-    "not set", as in the handler's config).
-
-    The handler's model config gains this field in issue 13, with defaults by model family; until
-    then the eval reads the raw TOML here, and only here, so switching to the parsed
-    ``ModelConfig`` is a change of this one function.
-    """
+    """The window of model ``alias`` as the handler knows it: ``context_window_tokens`` of its
+    table, else the default of its family (``rlmq.lmhandler.config.default_context_window``).
+    An offline backend has no window; the eval then assumes 128,000 tokens, a common size, so a
+    direct run over a scripted or echo model still shows the cut."""
     if config is None or not Path(config).exists():
         return DEFAULT_CONTEXT_WINDOW_TOKENS
-    models = read_toml(config, error=ConfigError).get("models", {})
-    table = models.get(alias, {}) if isinstance(models, Mapping) else {}
-    value = table.get("context_window_tokens", 0) if isinstance(table, Mapping) else 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or 0 < value <= RESERVED_TOKENS:
+    models = load_config(config, env={}).models
+    model = models.get(alias)
+    if model is None:
+        raise ConfigError(f"{config}: no [models.{alias}] table; configured: {', '.join(models)}")
+    if model.context_window_tokens >= OFFLINE_CONTEXT_WINDOW_TOKENS:
+        return DEFAULT_CONTEXT_WINDOW_TOKENS
+    if model.context_window_tokens <= RESERVED_TOKENS:
         raise ConfigError(
             f"{config}: [models.{alias}] context_window_tokens must be an integer above {RESERVED_TOKENS}"
         )
-    return value or DEFAULT_CONTEXT_WINDOW_TOKENS
+    return model.context_window_tokens
 
 
 def direct_prompt(context: str, query: str, *, window_tokens: int, answer_tokens: int) -> tuple[str, int]:
