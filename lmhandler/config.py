@@ -37,7 +37,7 @@ BACKENDS = frozenset({"anthropic", "openai", "echo", "script"})
 HTTP_BACKENDS = frozenset({"anthropic", "openai"})
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 # Tables of the shared rlmq.toml that other services read and validate.
-OTHER_TABLES = frozenset({"sandbox", "run"})
+OTHER_TABLES = frozenset({"sandbox", "run", "serve"})
 # echo and script are not a provider to protect: let them run as wide as the handler allows.
 OFFLINE_CONCURRENCY = 100_000
 # The variable an HTTP backend reads its key from when the config names none and talks to the

@@ -1,4 +1,29 @@
 """rlmq, the one installed name: rlmq.protocol, rlmq.lmhandler, rlmq.sandbox, rlmq.orchestrator and
-the tools (rlmq.loadtest, rlmq.fakeprovider) live under it; `rlmq.cli` is the command."""
+the tools (rlmq.loadtest, rlmq.fakeprovider, rlmq.eval, rlmq.serve) live under it; `rlmq.cli` is
+the command.
 
-__all__: list[str] = []
+``from rlmq import RLM`` is the Python surface (``rlmq.facade``). It is imported on first use,
+not here: sandbox workers import ``rlmq`` for its path, and that must stay cheap and must not pull
+in the orchestrator.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .facade import RLM, Progress, Result
+
+__all__ = ["RLM", "Progress", "Result"]
+
+_LAZY = {"RLM": "rlmq.facade", "Progress": "rlmq.facade", "Result": "rlmq.facade"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlmq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value

@@ -25,6 +25,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "rlmq.eval.cli",
         "run the paper's long-context tasks (generated offline, exact answers) and score a model on them",
     ),
+    "serve": (
+        "rlmq.serve.cli",
+        "answer OpenAI-compatible chat completion requests over HTTP with RLM runs",
+    ),
     "keys": ("rlmq.protocol.security", "make CURVE keys for handlers and pools listening on TCP"),
     "fake-provider": (
         "rlmq.fakeprovider.cli",
@@ -32,7 +36,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 # Long-running services log their life cycle at INFO by default; one-shot commands stay quiet.
-SERVICES = frozenset({"handler", "sandbox", "fake-provider", "up"})
+SERVICES = frozenset({"handler", "sandbox", "fake-provider", "up", "serve"})
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

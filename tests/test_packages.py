@@ -24,7 +24,7 @@ FOLDERS = ("protocol", *SERVICES)
 CODE_TREES = (*FOLDERS, "rlmq", "tests", "bench", "deploy")
 
 
-TOOLS = ("loadtest", "fakeprovider", "eval")
+TOOLS = ("loadtest", "fakeprovider", "eval", "serve", "facade.py")
 
 
 def python_files(tree: str) -> list[Path]:
@@ -91,6 +91,8 @@ def test_the_rules_see_the_tools() -> None:
         "rlmq.loadtest",
         "rlmq.fakeprovider",
         "rlmq.eval",
+        "rlmq.serve",
+        "rlmq.facade",
     ],
 )
 def test_all_names_exist_once(package: str) -> None:
