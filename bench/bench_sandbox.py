@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rlmq.lmhandler.testing import echo_model, running_handler  # noqa: E402
+from rlmq.protocol import RunLimits  # noqa: E402
 from rlmq.protocol.sandbox import AsyncSandboxClient  # noqa: E402
 from rlmq.sandbox.testing import running_pool  # noqa: E402
 
@@ -41,6 +42,8 @@ async def bench(isolation: str, quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"isolation": isolation}
     models = {"sub": echo_model(), "slow": echo_model(latency_ms=500)}
     async with running_handler(models) as handler:
+        for run in ("bench-open", "bench-small"):
+            handler.runs.open_run(run, RunLimits())  # a handler serves only runs it holds
         started = time.perf_counter()
         async with running_pool(
             handler.address or "", isolation=isolation, workers=2, exec_timeout_s=120

@@ -10,7 +10,8 @@ Errors (each carries the wire ``code`` it is answered with)::
     ├── ConfigError                 the TOML file or a setting (rlmq.protocol's, re-exported)
     └── HandlerError                internal: the handler's own subtree
         ├── UnknownModel            unknown_model
-        ├── UnknownRun              bad_request: run_close / usage of a run never seen
+        ├── UnknownRun              unknown_run: a run not held here, or held under another key
+        ├── AnonymousRefused        unauthorized: a call without a run, where allow_anonymous is off
         ├── Overloaded              overloaded: max_in_flight requests already in flight
         ├── PromptTooLarge          too_large: the prompt is over the model's context window
         ├── RequestTimeout          timeout: no answer within the request's (or run's) time
@@ -29,6 +30,7 @@ from .accounting import BudgetExceeded, RunClosed
 from .backends.base import BackendError
 from .config import HandlerConfig, ModelConfig, load_config, parse_config
 from .errors import (
+    AnonymousRefused,
     HandlerError,
     Overloaded,
     PromptTooLarge,
@@ -41,6 +43,7 @@ from .server import Handler
 from .shaping import CircuitOpen
 
 __all__ = [
+    "AnonymousRefused",
     "BackendError",
     "BudgetExceeded",
     "CircuitOpen",

@@ -1,7 +1,10 @@
 """Per-run accounting and hard budgets.
 
 A run is opened with limits (``run_open``); every ``complete`` carrying its id, from any process
-and any depth, is checked before it is sent and counted when it ends. A call is reserved at
+and any depth, is checked before it is sent and counted when it ends. A run never opened is not
+opened by a call that names it: that call is refused (``unknown_run``), so nothing is spent
+outside a budget. A run opened with a ``key`` belongs to whoever holds the key: calls, reopens
+and closes that do not show it are refused as if the run did not exist. A call is reserved at
 admission, so ``max_calls`` holds exactly even with thousands in flight. Token and cost limits
 are checked against what finished calls spent; calls already in flight when a limit is reached
 may overshoot it by their own usage, and the request's ``max_tokens`` is clamped to the output
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 
 from rlmq.protocol import ErrorCode, RunLimits, RunUsage, Usage
 
-from .errors import HandlerError
+from .errors import HandlerError, UnknownRun
 
 __all__ = ["BudgetExceeded", "Run", "RunClosed", "RunTable"]
 
@@ -60,6 +63,11 @@ class Run:
     cost_usd: float = 0.0
     closed: bool = False
     exceeded: str | None = None
+    key: str | None = field(default=None, repr=False)  # the opener's secret; None: shared by id
+
+    def held_by(self, key: str | None) -> bool:
+        """Whether a caller showing ``key`` may use this run (any caller, for a run without one)."""
+        return self.key is None or self.key == key
 
     @property
     def usage(self) -> Usage:
@@ -159,37 +167,59 @@ class RunTable:
         self.open: dict[str, Run] = {}
         self.closed: OrderedDict[str, Run] = OrderedDict()
 
-    def open_run(self, run_id: str, limits: RunLimits) -> Run:
-        """Open a run, or update the limits of an open one (a run first seen through a sub-call
-        is opened implicitly without limits)."""
+    def open_run(self, run_id: str, limits: RunLimits, key: str | None = None) -> Run:
+        """Open a run, or update the limits of an open one. A run held under a key is reopened
+        (and a closed one opened again) only by a caller showing that key: ``UnknownRun``."""
+        held = self.find(run_id)
+        if held is not None and held.key != key:
+            raise UnknownRun(_not_yours(run_id))
         self.closed.pop(run_id, None)
         run = self.open.get(run_id)
         if run is None:
-            run = self.open[run_id] = Run(run_id, limits)
+            run = self.open[run_id] = Run(run_id, limits, key=key)
         else:
             run.limits = limits
         return run
 
     def get(self, run_id: str) -> Run:
-        """The run a call belongs to; unknown ids are opened without limits so usage is counted."""
-        run = self.open.get(run_id)
-        if run is not None:
-            return run
-        run = self.closed.get(run_id)
-        if run is not None:
-            return run
-        run = self.open[run_id] = Run(run_id)
+        """The run of this id (open, or closed and remembered); ``UnknownRun`` when there is none."""
+        run = self.open.get(run_id) or self.closed.get(run_id)
+        if run is None:
+            raise UnknownRun(_unknown(run_id))
+        return run
+
+    def held(self, run_id: str, key: str | None) -> Run:
+        """The run a call names, if the caller holds it; else ``UnknownRun`` (never opened here,
+        forgotten, lost with a restart, or held under another key)."""
+        run = self.open.get(run_id) or self.closed.get(run_id)
+        if run is None:
+            raise UnknownRun(_unknown(run_id))
+        if run.key is not None and run.key != key:
+            raise UnknownRun(_not_yours(run_id))
         return run
 
     def find(self, run_id: str) -> Run | None:
         return self.open.get(run_id) or self.closed.get(run_id)
 
-    def close(self, run_id: str) -> Run | None:
-        run = self.open.pop(run_id, None)
-        if run is None:
-            return self.closed.get(run_id)
+    def close(self, run_id: str, key: str | None = None) -> Run:
+        """Close a run the caller holds (``UnknownRun`` otherwise); closing it again is harmless."""
+        run = self.held(run_id, key)
+        if run.closed:
+            return run
+        del self.open[run_id]
         run.closed = True
         self.closed[run_id] = run
         while len(self.closed) > MAX_CLOSED_RUNS:
             self.closed.popitem(last=False)
         return run
+
+
+def _unknown(run_id: str) -> str:
+    return (
+        f"run {run_id!r} is not open on this handler (never opened, or lost when the handler "
+        "restarted); open it with run_open first"
+    )
+
+
+def _not_yours(run_id: str) -> str:
+    return f"run {run_id!r} is held by another client: the request does not show the run's key"

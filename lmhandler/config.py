@@ -194,6 +194,9 @@ class HandlerConfig:
     shutdown_grace_s: float = 10.0
     retry_base_s: float = 0.5
     retry_max_s: float = 30.0
+    # Calls that name no run (load tests, direct users): None decides by the endpoint, on for
+    # loopback and ipc, off when the handler has CURVE keys (docs/security.md).
+    allow_anonymous: bool | None = None
     source: str = "<memory>"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from rlmq.protocol import ErrorCode, RlmqError
 
 __all__ = [
+    "AnonymousRefused",
     "HandlerError",
     "Overloaded",
     "RequestTimeout",
@@ -32,9 +33,23 @@ class UnknownModel(HandlerError):
 
 
 class UnknownRun(HandlerError):
-    """``run_close`` or ``usage`` for a run the handler has never seen (or has forgotten)."""
+    """A request names a run the handler does not hold for this caller: never opened here (or
+    forgotten, or lost with a restart), or opened with a key the request does not show. Not
+    retryable: the caller reopens the run, or the run has failed."""
 
-    code = ErrorCode.BAD_REQUEST
+    code = ErrorCode.UNKNOWN_RUN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class AnonymousRefused(HandlerError):
+    """A ``complete`` without a run on a handler that does not allow anonymous calls."""
+
+    code = ErrorCode.UNAUTHORIZED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
 
 
 class Overloaded(HandlerError):

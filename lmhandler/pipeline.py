@@ -1,8 +1,10 @@
 """The request pipeline: what every ``complete`` goes through, in one place.
 
-    admission   unknown model, the handler's max_in_flight, a prompt over the model's context
-                window (too_large, never sent), then the run's budgets (a call is reserved
-                at admission; a closed run refuses)
+    admission   a run the caller does not hold (unknown_run: never opened here, or its key
+                not shown) or no run where anonymous calls are off (unauthorized), unknown
+                model, the handler's max_in_flight, a prompt over the model's context window
+                (too_large, never sent), then the run's budgets (a call is reserved at
+                admission; a closed run refuses)
     cache       identical requests share one backend call (single flight); hits are free
     shaping     circuit breaker, adaptive concurrency, rpm/tpm pacing
     retries     retryable errors, with backoff that honours Retry-After, within the retry
@@ -41,7 +43,15 @@ from .backends import Backend, BackendError, BackendRequest, Completion, estimat
 from .cache import ResponseCache, cache_key
 from .config import OFFLINE_CONCURRENCY, OFFLINE_CONTEXT_WINDOW_TOKENS, HandlerConfig, ModelConfig
 from .deadlines import DeadlineWheel
-from .errors import HandlerError, Overloaded, PromptTooLarge, RequestTimeout, ShuttingDown, UnknownModel
+from .errors import (
+    AnonymousRefused,
+    HandlerError,
+    Overloaded,
+    PromptTooLarge,
+    RequestTimeout,
+    ShuttingDown,
+    UnknownModel,
+)
 from .pacing import TokenBucket
 from .shaping import AdaptiveLimit, CircuitBreaker, CircuitOpen, RetryBudget
 from .stats import ModelStats, ServerStats
@@ -57,6 +67,12 @@ Fail = Callable[[list[Any], str, RlmqError], None]
 
 # Failures that say the provider is down (not busy, not refusing this request).
 _DOWN_CODES = frozenset({ErrorCode.BACKEND_ERROR, ErrorCode.TIMEOUT})
+
+
+_ANONYMOUS_OFF = (
+    "this handler serves only calls that name an open run (allow_anonymous is off): open a run "
+    "with run_open and name it in the call"
+)
 
 
 def too_large_message(alias: str, chars: int, window: int) -> str:
@@ -121,12 +137,13 @@ class Model:
 class _Call:
     """One ``complete`` on its way through the pipeline."""
 
-    __slots__ = ("deadline", "envelope", "model", "req", "run", "slot", "started", "task")
+    __slots__ = ("booked", "deadline", "envelope", "model", "req", "run", "slot", "started", "task")
 
-    def __init__(self, envelope: list[Any], req: CompleteRequest, model: Model) -> None:
+    def __init__(self, envelope: list[Any], req: CompleteRequest, model: Model, booked: Run | None) -> None:
         self.envelope = envelope
         self.req = req
         self.model = model
+        self.booked = booked  # the run the request names, found (and its key checked) at submit
         self.started = monotonic()
         self.run: Run | None = None  # admitted to this run, which must be told how the call ended
         self.task: asyncio.Task[None] | None = None  # None while stepped inline
@@ -156,6 +173,8 @@ class Pipeline:
     """Admit, shape, retry, relay and account every ``complete``; outcomes go to ``reply``/``fail``.
 
     ``sleep`` is what backoff waits with; ``rng`` draws the jitter (both replaceable in tests).
+    ``allow_anonymous``: whether a call naming no run is served (the handler decides: on for
+    loopback and ipc, off with CURVE).
     """
 
     def __init__(
@@ -170,8 +189,10 @@ class Pipeline:
         fail: Fail,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        allow_anonymous: bool = True,
     ) -> None:
         self.config = config
+        self.allow_anonymous = allow_anonymous
         self.models = models
         self.runs = runs
         self.stats = stats
@@ -197,12 +218,23 @@ class Pipeline:
             error = Overloaded(f"handler has {in_flight} requests in flight (limit {limit})")
             self._fail(envelope, req.id, error)
             return
+        booked: Run | None = None
+        if req.run is not None:
+            # One dict lookup and a key comparison: a run is spent only by whoever holds it.
+            try:
+                booked = self.runs.held(req.run, req.key)
+            except HandlerError as exc:
+                self._fail(envelope, req.id, exc)
+                return
+        elif not self.allow_anonymous:
+            self._fail(envelope, req.id, AnonymousRefused(_ANONYMOUS_OFF))
+            return
         model = self.models.get(req.model)
         if model is None:
             configured = ", ".join(self.models)
             self._fail(envelope, req.id, UnknownModel(f"no model {req.model!r}; configured: {configured}"))
             return
-        call = _Call(envelope, req, model)
+        call = _Call(envelope, req, model, booked)
         coro = self._complete(call)
         if not model.inline:
             self._track(call, self._loop.create_task(coro))
@@ -269,8 +301,8 @@ class Pipeline:
                 hit = await asyncio.shield(pending)
         if hit is not None:
             # Free for the run's budget, but the run must still be open.
-            if req.run is not None:
-                self.runs.get(req.run).admit_cached()
+            if call.booked is not None:
+                call.booked.admit_cached()
             model.stats.cache_hits += 1
             return self._encode(call, hit, Usage(), cached=True, retries=0)
         return await self._relay(call, cache, key)
@@ -300,8 +332,8 @@ class Pipeline:
                 raise PromptTooLarge(too_large_message(cfg.alias, chars, cfg.context_window_tokens))
         max_tokens = req.max_tokens or cfg.max_tokens
         timeout_s = req.timeout_s or cfg.timeout_s
-        if req.run is not None:
-            run = self.runs.get(req.run)
+        run = call.booked
+        if run is not None:
             max_tokens, timeout_s = run.admit_call(max_tokens, timeout_s)
             call.run = run
         call.deadline = call.started + timeout_s

@@ -15,8 +15,8 @@ Errors, from the wire's point of view (every reply built from the exception's ow
 ``ErrorInfo.of``, in ``_send_error``):
 
     ProtocolError (codec)      -> bad_request / unsupported_version / unknown_op / too_large
-    HandlerError subtree       -> its own code (unknown_model, budget_exceeded, run_closed,
-                                  a backend's code after retries, timeout, unavailable, ...)
+    HandlerError subtree       -> its own code (unknown_model, unknown_run, budget_exceeded,
+                                  run_closed, a backend's code after retries, timeout, ...)
     anything else              -> internal (logged with traceback; the loop lives on)
 """
 
@@ -57,7 +57,7 @@ from rlmq.protocol.security import CurveServerKeys, ServerSecurity
 from .accounting import RunTable
 from .backends import Backend, make_backend
 from .config import OFFLINE_CONTEXT_WINDOW_TOKENS, HandlerConfig
-from .errors import HandlerError, UnknownRun
+from .errors import HandlerError
 from .pipeline import Model, Pipeline
 from .stats import ServerStats
 from .transport import Payload, RouterTransport, restore_gc, tune_gc
@@ -89,6 +89,8 @@ class Handler:
         # ipc stays open; TCP gets CURVE when keys are given; TCP beyond loopback without keys
         # is refused (protocol.security.AuthRequired). Owns the authenticator thread.
         self._security = ServerSecurity(self._ctx, curve)
+        # Calls naming no run: on for loopback and ipc, off once the handler has CURVE keys.
+        self.allow_anonymous = config.allow_anonymous if config.allow_anonymous is not None else curve is None
         self.address: str | None = None
         self.addresses: list[str] = []
         self.models: dict[str, Model] = {}
@@ -141,12 +143,18 @@ class Handler:
             loop=loop,
             reply=self._send_payload,
             fail=self._send_error,
+            allow_anonymous=self.allow_anonymous,
         )
         self.transport = RouterTransport(sock, loop, self._on_message)
         self.transport.start()
         tune_gc()
         self._gc_tuned = True
-        log.info("lmhandler listening on %s (models: %s)", self.address, ", ".join(self.models))
+        log.info(
+            "lmhandler listening on %s (models: %s; calls without a run %s)",
+            self.address,
+            ", ".join(self.models),
+            "allowed" if self.allow_anonymous else "refused",
+        )
         return self.address
 
     async def __aenter__(self) -> Handler:
@@ -275,16 +283,11 @@ class Handler:
         )
 
     def _run_open(self, req: RunOpenRequest) -> Reply:
-        return RunUsageReply(req.id, self.runs.open_run(req.run, req.limits).snapshot())
+        return RunUsageReply(req.id, self.runs.open_run(req.run, req.limits, req.key).snapshot())
 
     def _run_close(self, req: RunCloseRequest) -> Reply:
-        run = self.runs.close(req.run)
-        if run is None:
-            raise UnknownRun(f"no run {req.run!r} is known")
-        return RunUsageReply(req.id, run.snapshot())
+        return RunUsageReply(req.id, self.runs.close(req.run, req.key).snapshot())
 
     def _usage(self, req: UsageRequest) -> Reply:
-        run = self.runs.find(req.run)
-        if run is None:
-            raise UnknownRun(f"no run {req.run!r} is known")
-        return RunUsageReply(req.id, run.snapshot())
+        # Read-only, so no key: a run's totals are not a way to spend it.
+        return RunUsageReply(req.id, self.runs.get(req.run).snapshot())

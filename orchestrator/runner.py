@@ -2,6 +2,8 @@
 
 The library side of ``rlmq run`` and ``rlmq demo``. It reads no environment: CURVE keys, like
 every other setting, come from the caller (the command line reads them at its entry point).
+The run is opened with a key of its own and survives a handler restart with what is left of its
+budget (``budget.GuardedModels``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from rlmq.protocol import AsyncHandlerClient, RlmqError
 from rlmq.protocol.sandbox import AsyncSandboxClient
 from rlmq.protocol.security import CurveClientKeys
 
+from .budget import GuardedModels, GuardedSandbox
 from .loop import RLM, RunResult
 from .progress import progress_line
 from .settings import RunSettings
@@ -47,9 +50,10 @@ async def run_query(
             window = (await hc.ping(timeout_s=PING_TIMEOUT_S)).context_windows.get(settings.sub_model)
         except RlmqError:
             window = None
-        rlm = RLM(hc, sc, settings, sub_window_tokens=window)
+        models = GuardedModels(hc)
+        rlm = RLM(models, GuardedSandbox(sc, models), settings, sub_window_tokens=window)
         if not show_progress:
             return await rlm.run(query, context, run_id=run_id, trajectory=trajectory)
         counters = functools.partial(rlm.counters, run_id)
-        async with progress_line(hc, run_id, counters, max_iterations=settings.max_iterations):
+        async with progress_line(models, run_id, counters, max_iterations=settings.max_iterations):
             return await rlm.run(query, context, run_id=run_id, trajectory=trajectory)

@@ -91,6 +91,9 @@ class _HandlerCalls:
     run: str | None
     depth: int
     _ids: RequestIds
+    # Keys of the runs this client opened with one (``run_open(..., key=)``): shown on every
+    # ``complete`` and ``run_close`` naming the run, so the handler knows the caller holds it.
+    _run_keys: dict[str, str]
 
     def new_id(self) -> str:
         return self._ids.next()
@@ -105,6 +108,7 @@ class _HandlerCalls:
         run: str | None = None,
         depth: int | None = None,
     ) -> CompleteRequest:
+        run = run if run is not None else self.run
         return CompleteRequest(
             id=self.new_id(),
             model=model,
@@ -112,8 +116,9 @@ class _HandlerCalls:
             max_tokens=max_tokens,
             temperature=temperature,
             timeout_s=timeout_s,
-            run=run if run is not None else self.run,
+            run=run,
             depth=self.depth if depth is None else depth,
+            key=None if run is None else self._run_keys.get(run),
         )
 
 
@@ -133,6 +138,7 @@ class AsyncHandlerClient(AsyncDealer, _HandlerCalls):
         super().__init__(address, context=context, timeout_s=timeout_s, curve=curve)
         self.run = run
         self.depth = depth
+        self._run_keys = {}
         self._pending: dict[str, tuple[asyncio.Future[Reply], str]] = {}
 
     async def _read(self) -> None:
@@ -191,12 +197,24 @@ class AsyncHandlerClient(AsyncDealer, _HandlerCalls):
     async def stats(self) -> dict[str, Any]:
         return dict(_expect(await self.request(StatsRequest(self.new_id())), StatsReply).stats)
 
-    async def run_open(self, run: str, limits: RunLimits | None = None) -> RunUsage:
-        req = RunOpenRequest(self.new_id(), run, limits or RunLimits())
-        return _expect(await self.request(req), RunUsageReply).run
+    async def run_open(
+        self, run: str, limits: RunLimits | None = None, *, key: str | None = None
+    ) -> RunUsage:
+        """Open ``run`` (or replace its limits). With ``key`` the run is this client's: the
+        handler refuses it to callers that do not show the key, and this client shows it on
+        every ``complete`` and ``run_close`` naming the run."""
+        key = key if key is not None else self._run_keys.get(run)
+        req = RunOpenRequest(self.new_id(), run, limits or RunLimits(), key)
+        usage = _expect(await self.request(req), RunUsageReply).run
+        if key is not None:
+            self._run_keys[run] = key
+        return usage
 
     async def run_close(self, run: str) -> RunUsage:
-        return _expect(await self.request(RunCloseRequest(self.new_id(), run)), RunUsageReply).run
+        req = RunCloseRequest(self.new_id(), run, self._run_keys.get(run))
+        usage = _expect(await self.request(req), RunUsageReply).run
+        self._run_keys.pop(run, None)
+        return usage
 
     async def usage(self, run: str) -> RunUsage:
         return _expect(await self.request(UsageRequest(self.new_id(), run)), RunUsageReply).run
@@ -233,16 +251,22 @@ class HandlerClient(_HandlerCalls):
         run: str | None = None,
         depth: int = 0,
         curve: CurveClientKeys | None = None,
+        sock: zmq.Socket[Any] | None = None,
     ) -> None:
+        """``sock``: a DEALER already connected to ``address`` (a sandbox worker connects its
+        own, with its routing id, before it drops privileges); the client then owns it."""
         self.address = address
         self.timeout_s = timeout_s
         self.run = run
         self.depth = depth
-        self._own_context = context is None
-        self._ctx: zmq.Context[Any] = context or zmq.Context()
-        self._sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
-        configure_socket(self._sock)
-        connect(self._sock, address, curve)  # CURVE on TCP when keys are given
+        self._run_keys = {}
+        self._own_context = context is None and sock is None
+        self._ctx: zmq.Context[Any] = context or (sock.context if sock is not None else zmq.Context())
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            configure_socket(sock)
+            connect(sock, address, curve)  # CURVE on TCP when keys are given
+        self._sock: zmq.Socket[Any] = sock
         self._ids = RequestIds()
         self._lock = threading.Lock()
 

@@ -62,6 +62,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     SCRIPT_EXHAUSTED = "script_exhausted"
     RUN_CLOSED = "run_closed"
+    UNKNOWN_RUN = "unknown_run"  # no such run is held for this caller (never opened, or another key)
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
     # the sandbox session protocol

@@ -214,6 +214,9 @@ class CompleteRequest:
     timeout_s: float | None = None
     run: str | None = None
     depth: int = 0
+    # The run's key, when the run was opened with one: a run with a key is spent only by
+    # callers that show it (docs/protocol.md, "Run keys").
+    key: str | None = None
 
     OP: ClassVar[str] = "complete"
 
@@ -230,6 +233,7 @@ class CompleteRequest:
                 "timeout_s": self.timeout_s,
                 "run": self.run,
                 "depth": self.depth,
+                "key": self.key,
             }
         )
 
@@ -263,6 +267,7 @@ class CompleteRequest:
             timeout_s=opt_float(d, "timeout_s", rid),
             run=opt_string(d, "run", rid),
             depth=opt_int(d, "depth", rid) or 0,
+            key=opt_string(d, "key", rid),
         )
 
 
@@ -274,7 +279,7 @@ _set_role = ChatMessage.__dict__["role"].__set__
 _set_content = ChatMessage.__dict__["content"].__set__
 _CR_SETTERS = tuple(
     CompleteRequest.__dict__[name].__set__
-    for name in ("id", "model", "messages", "max_tokens", "temperature", "timeout_s", "run", "depth")
+    for name in ("id", "model", "messages", "max_tokens", "temperature", "timeout_s", "run", "depth", "key")
 )
 _ROLES = ChatMessage.ROLES
 
@@ -338,8 +343,11 @@ def _complete_fast(d: Mapping[str, Any], rid: str) -> CompleteRequest | None:
         depth = 0
     elif type(depth) is not int or depth < 0:
         return None
+    key = get("key")
+    if key is not None and type(key) is not str:
+        return None
     req: CompleteRequest = _new(CompleteRequest)
-    s_id, s_model, s_messages, s_max_tokens, s_temperature, s_timeout_s, s_run, s_depth = _CR_SETTERS
+    s_id, s_model, s_messages, s_max_tokens, s_temperature, s_timeout_s, s_run, s_depth, s_key = _CR_SETTERS
     s_id(req, rid)
     s_model(req, model)
     s_messages(req, messages)
@@ -348,6 +356,7 @@ def _complete_fast(d: Mapping[str, Any], rid: str) -> CompleteRequest | None:
     s_timeout_s(req, timeout_s)
     s_run(req, run)
     s_depth(req, depth)
+    s_key(req, key)
     return req
 
 
@@ -380,21 +389,30 @@ class RunOpenRequest:
     id: str
     run: str
     limits: RunLimits = field(default_factory=RunLimits)
+    # A secret chosen by the opener: the run is then spent, reopened and closed only by callers
+    # that show it. Without one the run is shared by every client that names it.
+    key: str | None = None
 
     OP: ClassVar[str] = "run_open"
 
     def to_wire(self) -> Wire:
-        return {
+        wire: Wire = {
             "v": PROTOCOL_VERSION,
             "op": self.OP,
             "id": self.id,
             "run": self.run,
             "limits": self.limits.to_wire(),
         }
+        if self.key is not None:
+            wire["key"] = self.key
+        return wire
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any], rid: str) -> RunOpenRequest:
-        return cls(rid, string(d, "run", rid), RunLimits.from_wire(d.get("limits"), rid))
+        key = opt_string(d, "key", rid)
+        if key is not None and not key:
+            raise DecodeError("field 'key' must not be empty", request_id=rid)
+        return cls(rid, string(d, "run", rid), RunLimits.from_wire(d.get("limits"), rid), key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,8 +431,20 @@ class _RunOnly:
 
 
 @dataclass(frozen=True, slots=True)
-class RunCloseRequest(_RunOnly):
+class RunCloseRequest:
+    id: str
+    run: str
+    key: str | None = None  # the run's key, when it was opened with one
+
     OP: ClassVar[str] = "run_close"
+
+    def to_wire(self) -> Wire:
+        wire = {"v": PROTOCOL_VERSION, "op": self.OP, "id": self.id, "run": self.run}
+        return wire | drop_none({"key": self.key})
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any], rid: str) -> RunCloseRequest:
+        return cls(rid, string(d, "run", rid), opt_string(d, "key", rid))
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,8 @@ class PoolConfig:
     fsize_mb: int = 256  # RLIMIT_FSIZE: the largest file the code may write
     nproc: int = 128  # RLIMIT_NPROC of the worker's uid, and its pids cgroup (+ a few for us)
     isolation: str = "process"  # "process" or "bwrap" (docs/security.md)
+    # Workers get no network (a namespace of their own); true gives them the host's network.
+    network: bool = False
     uid_base: int | None = 61000  # when root: worker n runs as a uid of [uid_base, uid_base+uid_count)
     uid_count: int = 4096
     cgroup: bool = True  # when root: a pids cgroup per worker (cgroup v1)

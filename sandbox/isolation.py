@@ -1,10 +1,13 @@
 """How a worker process is launched and contained (docs/security.md says what each level buys).
 
 - ``process``: a plain subprocess with a scrubbed environment, a private working directory, rlimits,
-  and (when the pool runs as root) its own unprivileged uid and a pids cgroup.
-- ``bwrap``: the same inside bubblewrap: no network (the handler is reached through an ipc proxy
-  in the pool, ``proxy.HandlerProxy``), a read-only root filesystem, a private /tmp, and its own
-  pid, ipc and uts namespaces.
+  its own empty network namespace (``network_mode``), and (when the pool runs as root) its own
+  unprivileged uid and a pids cgroup.
+- ``bwrap``: the same inside bubblewrap: no network, a read-only root filesystem, a private /tmp,
+  and its own pid, ipc and uts namespaces.
+
+Either way the worker's only way out is the pool's stamping relay (``relay.SubCallRelay``), an
+ipc socket in the pool's private directory; ``network = true`` gives the network back.
 
 Everything here is synchronous and quick, and knows no sockets; the supervisor calls it from a
 thread.
@@ -18,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +37,7 @@ __all__ = [
     "UidSlots",
     "find_bwrap",
     "in_cgroup",
+    "network_mode",
     "worker_command",
     "worker_env",
 ]
@@ -50,6 +55,56 @@ SANDBOX_TMP = "/tmp"  # noqa: S108
 
 def find_bwrap() -> str | None:
     return shutil.which("bwrap")
+
+
+# Run in a throwaway interpreter: does this kernel (and container) let us unshare the network?
+_PROBE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+flags = 0x40000000 if sys.argv[1] == "net" else 0x50000000
+sys.exit(0 if libc.unshare(ctypes.c_int(flags)) == 0 else 1)
+"""
+
+
+def _can_unshare(python: str, mode: str) -> bool:
+    try:
+        done = subprocess.run(
+            [python, "-I", "-c", _PROBE, mode],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={"PATH": SYSTEM_PATH},
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def network_mode(config: PoolConfig, *, bwrap: str | None) -> tuple[str, str | None]:
+    """How workers get a network namespace of their own (``procs.NETNS_MODES``), and the one
+    line the pool says at start when they cannot have one (None when all is well).
+
+    bubblewrap makes its own (``--unshare-net``); ``network = true`` asks for none. Otherwise a
+    root pool unshares the network namespace itself; an unprivileged one needs a user namespace
+    around it, which some kernels and most container profiles forbid."""
+    if config.network:
+        return "", "network = true: model code can reach the network and this host's services"
+    if bwrap is not None:
+        return "", None
+    python = config.python or sys.executable
+    if os.geteuid() == 0:
+        # Not a user namespace as root: the worker must drop to a real host uid (docs/security.md).
+        if _can_unshare(python, "net"):
+            return "net", None
+    elif _can_unshare(python, "user"):
+        return "user", None
+    return "", (
+        "no network namespace for workers (this kernel or container allows neither unshare nor a "
+        "user namespace): model code can reach the network and this host's services; see "
+        "docs/security.md"
+    )
 
 
 class UidSlots:
@@ -188,6 +243,19 @@ def _hidden_by_tmp(paths: list[str]) -> list[str]:
     return out
 
 
+def _handler_dirs(handler: str, ours: list[str]) -> list[str]:
+    """The directory of an ipc:// handler socket, to hide inside bubblewrap, unless it holds a
+    directory the worker needs, or is /tmp (private there already) or the root."""
+    if not handler.startswith("ipc://") or handler.startswith("ipc://@"):
+        return []
+    folder = str(Path(handler[len("ipc://") :]).resolve().parent)
+    if folder in ("/", SANDBOX_TMP) or folder.startswith(SANDBOX_TMP + "/"):
+        return []
+    if any(p == folder or p.startswith(folder + "/") for p in ours):
+        return []
+    return [folder]
+
+
 def worker_command(
     config: PoolConfig,
     spec: WorkerSpec,
@@ -205,7 +273,7 @@ def worker_command(
             bwrap,
             "--unshare-ipc",
             "--unshare-pid",
-            "--unshare-net",
+            *([] if config.network else ["--unshare-net"]),
             "--unshare-uts",
             "--unshare-cgroup-try",
             # not --unshare-user as root: the worker must setuid to a real host uid for
@@ -234,6 +302,10 @@ def worker_command(
         ]
         for path in _hidden_by_tmp(needed):
             args += ["--ro-bind", path, path]
+        for path in _handler_dirs(config.handler, [*bind_dirs, spec.workdir]):
+            # The handler's own socket is none of the code's business: its only way out is the
+            # relay. An empty tmpfs hides the directory (it would be reachable in a shared volume).
+            args += ["--tmpfs", path]
         for parent in sorted({os.path.dirname(p) for p in [*bind_dirs, spec.workdir]}):
             # bubblewrap would create these mount points' parent itself, untraversable by the
             # worker's uid (which reaches the handler proxies in it after its uid drop)

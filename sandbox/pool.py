@@ -2,6 +2,7 @@
 
     clients (orchestrators) --ROUTER--> Pool --> SessionManager (sessions.py) --> Supervisor
     workers --ROUTER (private ipc)-->   Pool --^                                  (supervisor.py)
+    workers' sub-calls --ROUTER (private ipc)--> SubCallRelay (relay.py) --> the handler
 
 - ``Supervisor``: worker processes (spawn, uid, cgroup, kill, reap, liveness); no ZeroMQ.
 - ``SessionManager``: the session table, the warm supply, execs, reloads, rlm_query forwarding.
@@ -46,13 +47,13 @@ from rlmq.protocol.sandbox import (
     decode_sandbox_request,
     split_delimited,
 )
-from rlmq.protocol.security import CurveClientKeys, CurveServerKeys, ServerSecurity, uses_curve
+from rlmq.protocol.security import CurveClientKeys, CurveServerKeys, ServerSecurity
 
 from ._tasks import Background, Stats, mark_retrieved, percentiles
 from ._wire import Heartbeat, Loaded, Ready, Result, WorkerRlmQuery, decode_from_worker
 from .config import PoolConfig
 from .errors import PoolError, PoolFailure, PoolStopping, WorkerGone
-from .proxy import HandlerProxy
+from .relay import SubCallRelay
 from .sessions import SessionManager
 from .supervisor import Supervisor, Worker, WorkerState
 
@@ -78,8 +79,8 @@ class Pool:
         curve_client: CurveClientKeys | None = None,
     ) -> None:
         """``curve_server``: keys for clients reaching the pool over TCP (required beyond
-        loopback). ``curve_client``: keys for reaching a handler that requires CURVE; then the
-        workers reach it through a proxy in the pool, so they never hold a key."""
+        loopback). ``curve_client``: keys for reaching a handler that requires CURVE; they stay
+        in the pool's relay, which alone talks to handlers (workers never hold a key)."""
         if not config.handler:
             raise ConfigError("the pool needs a handler address (--handler)")
         self.config = config
@@ -90,7 +91,7 @@ class Pool:
         self.address: str | None = None
         self._clients: zmq.asyncio.Socket | None = None
         self._worker_sock: zmq.asyncio.Socket | None = None
-        self._proxies: dict[str, HandlerProxy] = {}
+        self.relay: SubCallRelay | None = None
         self._background = Background()
         self.stats = Stats()
         self.supervisor = Supervisor(config, background=self._background, stats=self.stats)
@@ -99,7 +100,6 @@ class Pool:
             self.supervisor,
             send_worker=self._send_worker,
             send_client=self._send_client,
-            route_handler=self._session_handler,
         )
         self.supervisor.events = self.sessions
         self._stopping = False
@@ -132,19 +132,16 @@ class Pool:
         wsock.setsockopt(zmq.MAXMSGSIZE, self.config.max_context_bytes + 16 * 1024 * 1024)
         wsock.bind(self.supervisor.pool_address)
         self._worker_sock = wsock
-        handler_curve = (
-            self._curve_client if uses_curve(self.config.handler, self._curve_client is not None) else None
+        # Sub-calls leave only through the relay, stamped with their session's run and depth.
+        relay = SubCallRelay(
+            self.supervisor.relay_path,
+            self.config.handler,
+            curve=self._curve_client,
+            max_message_bytes=self.config.max_context_bytes + 16 * 1024 * 1024,
         )
-        if self.supervisor.bwrap is not None:
-            path = str(self.supervisor.ipc_dir / "handler.sock")
-            proxy = HandlerProxy(self.config.handler, path, curve=handler_curve)
-            self.supervisor.handler_address = await self._background.blocking(proxy.start)
-            self._proxies[self.config.handler] = proxy
-        elif handler_curve is not None:
-            # Workers run untrusted code: the CURVE client key stays in the pool, in a proxy.
-            self.supervisor.handler_address = await self._public_proxy(
-                self.config.handler, curve=handler_curve
-            )
+        await self._background.blocking(relay.start)
+        self.relay = relay
+        self.sessions.relay = relay
         csock = self._ctx.socket(zmq.ROUTER)
         configure_socket(csock)
         self._clients = csock
@@ -154,12 +151,13 @@ class Pool:
         self._background.spawn(self._housekeeping())
         self.sessions.start_supply()
         log.info(
-            "sandbox pool on %s (isolation %s, %d warm workers, uid drop %s, cgroup %s)",
+            "sandbox pool on %s (isolation %s, %d warm workers, uid drop %s, cgroup %s, network %s)",
             self.address,
             self.config.isolation,
             self.config.workers,
             "on" if self.supervisor.uid_drop else "off",
             "on" if self.supervisor.cgroups else "off",
+            self.network,
         )
         return self.address
 
@@ -191,8 +189,8 @@ class Pool:
         await self.supervisor.stop()
         if self._background.tasks:
             await asyncio.wait(set(self._background.tasks), timeout=10.0)
-        for proxy in self._proxies.values():
-            await self._background.blocking(proxy.stop)
+        if self.relay is not None:
+            await self._background.blocking(self.relay.stop)
         await self.supervisor.close()
         for sock in (self._clients, self._worker_sock):
             if sock is not None:
@@ -211,25 +209,12 @@ class Pool:
                 self.sessions.worker_silent(silent)
             self.sessions.expire_idle()
 
-    # ------------------------------------------------------------ handlers as workers reach them
-
-    async def _session_handler(self, address: str) -> str:
-        """A session's own handler: direct, or under bwrap (no network) through a proxy."""
-        if self.supervisor.bwrap is None:
-            return address
-        return await self._public_proxy(address)
-
-    async def _public_proxy(self, upstream: str, *, curve: CurveClientKeys | None = None) -> str:
-        """A handler reached through a proxy the worker may connect to after its uid drop (the
-        socket is world-connectable in a directory it can traverse): for a per-session handler
-        under bwrap, and for a handler that requires CURVE (the key stays in the pool)."""
-        proxy = self._proxies.get(upstream)
-        if proxy is None:
-            path = str(self.supervisor.public_dir / f"handler-{len(self._proxies)}.sock")
-            proxy = HandlerProxy(upstream, path, public=True, curve=curve)
-            self._proxies[upstream] = proxy
-            await self._background.blocking(proxy.start)
-        return proxy.address
+    @property
+    def network(self) -> str:
+        """What the workers' network is: "none" (a namespace of their own), "host"."""
+        if self.config.network:
+            return "host"
+        return "none" if self.supervisor.netns or self.supervisor.bwrap else "host"
 
     # ------------------------------------------------------------ clients
 
@@ -316,11 +301,18 @@ class Pool:
         self._send_client(envelope, SandboxStatsReply(req.id, self.snapshot()).to_wire())
 
     def snapshot(self) -> dict[str, Any]:
+        relay = self.relay
         return {
             "uptime_s": round(time.monotonic() - self.stats.started, 3),
             "isolation": self.config.isolation,
             "uid_drop": self.supervisor.uid_drop,
             "cgroup": self.supervisor.cgroups is not None,
+            "network": self.network,
+            "sub_calls": {
+                "relayed": relay.relayed if relay else 0,
+                "refused": relay.refused if relay else 0,
+                "dropped": relay.dropped if relay else 0,
+            },
             "sessions_open": len(self.sessions.table),
             "workers": {s.value: self.supervisor.count(s) for s in WorkerState},
             "counters": dict(self.stats.counters),

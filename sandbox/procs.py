@@ -1,4 +1,4 @@
-"""Small /proc readers and process killers shared by the pool and the worker's nanny.
+"""Small /proc readers, process killers and namespace calls shared by the pool and the worker.
 
 Linux only. Every function tolerates processes that vanish while it looks at them.
 """
@@ -6,12 +6,14 @@ Linux only. Every function tolerates processes that vanish while it looks at the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import time
 from collections.abc import Iterable
 
 __all__ = [
+    "NETNS_MODES",
     "cpu_ticks",
     "descendants",
     "host_pid_of",
@@ -19,7 +21,43 @@ __all__ = [
     "pids_of_uid",
     "process_table",
     "reap_descendants",
+    "unshare_network",
 ]
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+# How a worker gets a network namespace of its own: "net" (the pool is root: unshare it
+# directly), "user" (unprivileged: a user namespace mapping the worker's own ids, then the
+# network namespace inside it), or "" (none: bwrap does it, network = true, or the kernel
+# allows neither).
+NETNS_MODES = ("", "net", "user")
+
+
+def unshare_network(mode: str) -> None:
+    """Move this process into a new, empty network namespace (only a loopback that is down):
+    no TCP or UDP anywhere, no abstract unix sockets; unix sockets in the filesystem (ZeroMQ
+    ipc://) still connect. Raises OSError when the kernel refuses."""
+    if mode not in NETNS_MODES:
+        raise ValueError(f"unknown network namespace mode {mode!r}")
+    if not mode:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if mode == "net":
+        flags = CLONE_NEWNET
+    else:
+        uid, gid = os.getuid(), os.getgid()
+        flags = CLONE_NEWUSER | CLONE_NEWNET
+    if libc.unshare(ctypes.c_int(flags)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare({mode}): {os.strerror(err)}")
+    if mode == "user":
+        # The worker keeps its own ids inside the user namespace, so its files stay its own.
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{uid} {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{gid} {gid} 1")
 
 
 def _stat_fields(data: bytes) -> list[bytes]:

@@ -1,12 +1,15 @@
 """The session manager: the session table, the warm supply, and what execs and loads wait on.
 
-A session is one worker at a time. Opening takes a warm worker and sends it the context; an exec
-waits for the worker's result or its exec deadline; a worker that dies or falls silent is replaced
-by a fresh one with the context reloaded (the client is told its variables are lost). Sessions
-idle past ``idle_timeout_s`` are closed. ``rlm_query`` requests from a worker go to the client
+A session is one worker at a time. Opening takes a warm worker, tells the sub-call relay what to
+stamp on its sub-calls (the session's run, depth + 1, the run's key, its handler, the per-exec
+cap) and sends the worker the context; an exec waits for the worker's result or its exec
+deadline; a worker that dies or falls silent is replaced by a fresh one with the context
+reloaded (the client is told its variables are lost). Sessions idle past ``idle_timeout_s`` are
+closed. ``rlm_query`` requests from a worker go to the client
 that sent the running exec, and the answers come back to that worker.
 
-No sockets here: the server hands in two send functions, and the supervisor runs the processes.
+No sockets here: the server hands in two send functions and the relay, and the supervisor runs
+the processes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -48,6 +51,7 @@ from .errors import (
     UnknownSession,
     WorkerGone,
 )
+from .relay import Stamp, SubCallRelay
 from .supervisor import Silent, Supervisor, Worker, WorkerState
 
 __all__ = ["MAX_RLM_PENDING", "Session", "SessionManager"]
@@ -69,6 +73,7 @@ class Session:
     max_depth: int
     sub_model: str
     handler: str | None
+    run_key: str | None  # the run's key at the handler: the relay shows it, the worker never sees it
     exec_timeout_s: float
     max_output_chars: int
     rlm_error: ErrorInfo | None  # None: rlm_query is available; else what it raises
@@ -85,6 +90,7 @@ class Session:
     closed: bool = False
     reloads: int = 0
     rlm_pending: dict[str, tuple[Worker, str]] = field(default_factory=dict)
+    stamp: Stamp | None = None  # what the relay writes on its sub-calls; one per session
 
 
 def _known(code: str) -> ErrorCode:
@@ -104,18 +110,16 @@ class SessionManager:
         *,
         send_worker: SendWorker,
         send_client: SendClient,
-        route_handler: Callable[[str], Awaitable[str]] | None = None,
         background: Background | None = None,
         stats: Stats | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``route_handler``: the address a worker should use for a session's own handler (a
-        proxy under bwrap); by default the address itself."""
         self.config = config
         self.supervisor = supervisor
         self._send_worker = send_worker
         self._send_client = send_client
-        self._route_handler = route_handler
+        # The pool's sub-call relay (set once it runs): told of every worker and its session.
+        self.relay: SubCallRelay | None = None
         self.background = background or supervisor.background
         self.stats = stats or supervisor.stats
         self.clock = clock
@@ -170,7 +174,9 @@ class SessionManager:
         live = self.supervisor.live
         cap = self.config.max_sessions + self.config.workers
         while have < want and live < cap:
-            self.supervisor.spawn()  # None (no free uid) is recorded as the last failure
+            worker = self.supervisor.spawn()  # None (no free uid) is recorded as the last failure
+            if worker is not None and self.relay is not None:
+                self.relay.admit(worker.relay_id)
             have += 1
             live += 1
 
@@ -214,6 +220,8 @@ class SessionManager:
         event.set()
 
     def worker_killed(self, worker: Worker, reason: str) -> None:
+        if self.relay is not None:
+            self.relay.forget(worker.relay_id)
         self._fail_waiters(worker, reason)
         self._drop_warm(worker)
         session = self._owner.pop(worker, None)
@@ -222,6 +230,8 @@ class SessionManager:
         self.refill()
 
     def worker_exited(self, worker: Worker, reason: str, *, unexpected: bool) -> None:
+        if self.relay is not None:
+            self.relay.forget(worker.relay_id)
         self._drop_warm(worker)
         session = self._owner.pop(worker, None)
         if unexpected:
@@ -290,6 +300,13 @@ class SessionManager:
             refusal = ErrorInfo(
                 ErrorCode.OVERLOADED, f"more than {MAX_RLM_PENDING} rlm_query requests outstanding", True
             )
+        if refusal is None and session.stamp is not None and not session.stamp.take():
+            # The same per-exec cap the worker checks, kept here too: the worker runs the model's code.
+            refusal = ErrorInfo(
+                ErrorCode.BUDGET_EXCEEDED,
+                f"this block has made {session.stamp.max_calls:,} sub-calls, the limit per block "
+                "(max_sub_calls_per_exec); the rlm_query was not started",
+            )
         if refusal is not None:
             self._send_worker(worker, RlmAnswer(message.id, False, error=refusal).to_wire(), ())
             return
@@ -339,8 +356,6 @@ class SessionManager:
         try:
             fmt, blob = await self._context_of(req, blobs)
             handler = req.handler if req.handler and req.handler != self.config.handler else None
-            if handler is not None and self._route_handler is not None:
-                handler = await self._route_handler(handler)
             session = Session(
                 id=f"s-{os.urandom(6).hex()}",
                 run=req.run,
@@ -348,6 +363,7 @@ class SessionManager:
                 max_depth=req.max_depth,
                 sub_model=req.sub_model,
                 handler=handler,
+                run_key=req.run_key,
                 exec_timeout_s=req.exec_timeout_s or self.config.exec_timeout_s,
                 max_output_chars=req.max_output_chars or self.config.max_output_chars,
                 rlm_error=_rlm_refusal(req),
@@ -355,6 +371,13 @@ class SessionManager:
                 context_blob=blob,
                 route=route,
                 last_used=self.clock(),
+            )
+            session.stamp = Stamp(
+                run=session.run,
+                depth=session.depth + 1,
+                key=session.run_key,
+                upstream=handler or self.config.handler,
+                max_calls=self.config.max_sub_calls_per_exec,
             )
             info: SessionInfo | None = None
             last: PoolFailure | None = None
@@ -420,6 +443,8 @@ class SessionManager:
         and discarded on failure (it has seen the context: never reused)."""
         self.supervisor.claim(worker)
         self._owner[worker] = session
+        if self.relay is not None and session.stamp is not None:
+            self.relay.assign(worker.relay_id, session.stamp)
         future = self._waiter(worker, "load")
         assign = Assign(
             session=session.id,
@@ -498,6 +523,8 @@ class SessionManager:
             lost, session.lost_reason = session.lost_reason, None
             exec_id = f"x{next(self._ids)}"
             future = self._waiter(worker, exec_id)
+            if session.stamp is not None:
+                session.stamp.begin_exec()
             started = time.monotonic()
             self._send_worker(worker, Exec(exec_id, req.code, timeout).to_wire(), ())
             self.stats.inc("execs")

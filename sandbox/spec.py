@@ -92,7 +92,8 @@ class WorkerSpec:
 
     wid: str
     pool: str  # ipc:// address of the pool's worker ROUTER
-    handler: str  # the handler as this worker reaches it (direct, or the pool's ipc proxy)
+    relay: str  # ipc:// address of the pool's sub-call relay: the worker's only way to a model
+    relay_id: str  # the routing id the worker connects to the relay with (the pool chose it)
     workdir: str
     uid: int | None  # drop to this uid/gid; None: keep the pool's uid
     gid: int | None
@@ -103,6 +104,7 @@ class WorkerSpec:
     heartbeat_interval_s: float
     preimport: tuple[str, ...] = ()
     connect_timeout_s: float = 5.0
+    netns: str = ""  # how to get a network namespace of its own (procs.NETNS_MODES)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))

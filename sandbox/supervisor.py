@@ -5,8 +5,10 @@ Life of a worker process (one per session, never reused):
     STARTING --ready--> WARM --claim--> SESSION --kill / exit--> KILLED --exit--> EXITED
     (spawned ahead of demand)       (given to a session)        (cleanup: cgroup, uid, directory)
 
-- Spawn: a uid of its own (when the pool runs as root), a private directory, a pids cgroup, and
-  the command from ``isolation.worker_command``; exit is watched with a pidfd in the event loop.
+- Spawn: a uid of its own (when the pool runs as root), a private directory, a pids cgroup, a
+  network namespace of its own (``isolation.network_mode``, probed once at start), a routing id
+  for the sub-call relay, and the command from ``isolation.worker_command``; exit is watched with
+  a pidfd in the event loop.
 - Kill: the code-running child (its host pid is known once the worker is ready) or the launcher,
   then SIGKILL to the whole process group if it is still there after ``kill_grace_s``.
 - Liveness: ``check()`` reports workers silent for ``heartbeat_interval_s x heartbeat_liveness``,
@@ -41,7 +43,7 @@ from rlmq.protocol.errors import ConfigError
 from . import procs
 from ._tasks import Background, Stats
 from .config import PoolConfig
-from .isolation import Cgroups, UidSlots, find_bwrap, in_cgroup, worker_command, worker_env
+from .isolation import Cgroups, UidSlots, find_bwrap, in_cgroup, network_mode, worker_command, worker_env
 from .spec import WorkerSpec
 
 __all__ = [
@@ -98,6 +100,9 @@ class Worker:
     workdir: Path
     started: float
     last_seen: float
+    # The routing id the worker connects to the sub-call relay with: chosen here, unguessable,
+    # so that nothing else can pass for this worker there.
+    relay_id: bytes = field(default_factory=lambda: os.urandom(16).hex().encode())
     state: WorkerState = WorkerState.STARTING
     proc: subprocess.Popen[bytes] | None = None
     pidfd: int | None = None
@@ -186,8 +191,8 @@ class Supervisor:
         self.bwrap: str | None = None
         self.cgroups: Cgroups | None = None
         self.base: Path | None = None
-        # The handler as workers reach it: the pool sets it once its proxies are up.
-        self.handler_address = config.handler
+        self.netns = ""  # how workers get a network namespace (procs.NETNS_MODES); set by start()
+        self.network_notice: str | None = None  # the line said at start when they get none
         self.workers: dict[str, Worker] = {}
         self._ids = itertools.count(1)
         self.failures = 0  # consecutive workers that died before they were ready
@@ -206,23 +211,28 @@ class Supervisor:
         self.base = base
         if self.uids is not None and self.config.cgroup:
             self.cgroups = await self.background.blocking(Cgroups.create, base.name)
+        self.netns, self.network_notice = await self.background.blocking(
+            lambda: network_mode(self.config, bwrap=self.bwrap)
+        )
+        if self.network_notice is not None:
+            log.warning("%s", self.network_notice)
 
     @property
     def ipc_dir(self) -> Path:
-        """0700: the pool's own sockets (workers connect before their uid drop)."""
+        """0700: the pool's own sockets (workers connect before their uid drop, and cannot enter
+        it after: no connection of theirs can appear later)."""
         assert self.base is not None, "start() first"
         return self.base / "ipc"
-
-    @property
-    def public_dir(self) -> Path:
-        """0711: sockets workers may reach after their uid drop (handler proxies)."""
-        assert self.base is not None, "start() first"
-        return self.base / "public"
 
     @property
     def pool_address(self) -> str:
         """Where workers find the pool (the server binds it)."""
         return f"ipc://{self.ipc_dir / 'workers.sock'}"
+
+    @property
+    def relay_path(self) -> str:
+        """Where workers find the sub-call relay (the server starts it)."""
+        return str(self.ipc_dir / "relay.sock")
 
     @property
     def uid_drop(self) -> bool:
@@ -307,7 +317,8 @@ class Supervisor:
         return WorkerSpec(
             wid=worker.wid,
             pool=self.pool_address,
-            handler=self.handler_address,
+            relay=f"ipc://{self.relay_path}",
+            relay_id=worker.relay_id.decode(),
             workdir=str(worker.workdir),
             uid=worker.uid,
             gid=worker.uid,
@@ -318,6 +329,7 @@ class Supervisor:
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             preimport=self.config.preimport,
             connect_timeout_s=min(5.0, self.config.open_timeout_s),
+            netns=self.netns,
         )
 
     def _worker_command(self, worker: Worker) -> list[str]:
@@ -325,7 +337,7 @@ class Supervisor:
             self.config,
             self.spec(worker),
             bwrap=self.bwrap,
-            bind_dirs=[str(self.ipc_dir), str(self.public_dir)],
+            bind_dirs=[str(self.ipc_dir)],
         )
 
     def _popen(self, worker: Worker) -> tuple[subprocess.Popen[bytes], int] | None:
@@ -631,11 +643,10 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def _make_dirs() -> Path:
-    """The pool's private tree: ``ipc/`` (0700, the pool's sockets), ``public/`` (proxies workers
-    may reach after their uid drop) and one 0700 directory per worker, owned by its uid."""
+    """The pool's private tree: ``ipc/`` (0700, the pool's sockets and the sub-call relay) and
+    one 0700 directory per worker, owned by its uid."""
     base = Path(tempfile.mkdtemp(prefix="rlmq-sandbox-"))
     # Workers (other uids) traverse base to reach their own directory, nothing more.
     base.chmod(0o711)
     (base / "ipc").mkdir(mode=0o700)
-    (base / "public").mkdir(mode=0o711)
     return base

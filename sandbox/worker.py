@@ -3,14 +3,16 @@
 Start-up, before the worker announces READY:
 
 1. import everything the worker and, likely, the model's code need (after the uid drop an
-   interpreter in a private directory such as /root cannot be read any more);
+   interpreter in a private directory such as /root cannot be read any more), and move into a
+   network namespace of its own (``spec.netns``; bubblewrap has made one already);
 2. fork. The parent stays root as the *nanny*: a child subreaper that reaps every process the
    model's code starts and, when the code-running child dies, kills and reaps whatever is left,
    then exits with the child's status (128 + signal when it was killed). The model's code cannot
    signal the nanny (it is root), and its own parent is the nanny, never the pool.
-3. the child: new session, connect to the pool (and an ipc:// handler) while still root, apply
-   the rlimits, chdir into its private directory, drop to the unprivileged uid, forbid new
-   privileges, start the heartbeat thread, send READY, and serve one session.
+3. the child: new session, connect to the pool and to the pool's sub-call relay (its only way to
+   a model: the relay stamps run and depth) while still root, apply the rlimits, chdir into its
+   private directory, drop to the unprivileged uid, forbid new privileges, start the heartbeat
+   thread, send READY, and serve one session.
 """
 
 from __future__ import annotations
@@ -366,12 +368,10 @@ class _Worker:
             message = f"the context does not fit in the worker's memory limit ({self.spec.memory_mb} MB)"
             return Loaded(False, error=ErrorInfo(ErrorCode.TOO_LARGE, message))
         load_ms = (time.perf_counter() - started) * 1000.0
-        client, windows = self.client, self.windows
-        if msg.handler is not None and msg.handler != self.spec.handler:
-            client, windows = HandlerClient(msg.handler, context=self.ctx), None
-        client.run = msg.run
-        client.depth = msg.depth + 1
-        self.calls = SubCalls(client, self.link, msg.sub_model, windows)
+        # Sub-calls carry no run or depth from here: the relay writes the session's on each.
+        # A session with a handler of its own learns that handler's windows on first use.
+        windows = self.windows if msg.handler is None else None
+        self.calls = SubCalls(self.client, self.link, msg.sub_model, windows)
         self.repl = Repl(
             context,
             self.calls,
@@ -411,23 +411,26 @@ def _child(spec: WorkerSpec, nanny: int) -> NoReturn:
     ctx: zmq.Context[Any] = zmq.Context()
     main_sock = ctx.socket(zmq.DEALER)
     hb_sock = ctx.socket(zmq.DEALER)
-    for sock, ident in ((main_sock, spec.wid), (hb_sock, spec.wid + ":hb")):
+    relay_sock = ctx.socket(zmq.DEALER)
+    # All three are made now, while the pool's directory can be entered: after the uid drop it
+    # cannot, so the code can reuse these sockets but never open a channel of its own.
+    for sock, ident, address in (
+        (main_sock, spec.wid, spec.pool),
+        (hb_sock, spec.wid + ":hb", spec.pool),
+        (relay_sock, spec.relay_id, spec.relay),
+    ):
         configure_socket(sock)
         sock.setsockopt(zmq.ROUTING_ID, ident.encode())
-        if not _connect(sock, spec.pool, spec.connect_timeout_s):
-            log.error("worker %s cannot reach the pool at %s", spec.wid, spec.pool)
+        if not _connect(sock, address, spec.connect_timeout_s):
+            log.error("worker %s cannot reach the pool at %s", spec.wid, address)
             os._exit(EXIT_NO_POOL)
-    client = HandlerClient(spec.handler, context=ctx)
+    client = HandlerClient(spec.relay, context=ctx, sock=relay_sock)
     windows: Mapping[str, int] | None = None
-    if spec.handler.startswith("ipc://"):
-        # Make the connection now, while the socket file is reachable (see _connect); the reply
-        # tells the models' context windows, so llm_query refuses oversized prompts at once.
-        try:
-            windows = client.ping(timeout_s=2.0).context_windows or None
-        except RlmqError as exc:
-            log.warning(
-                "worker %s: handler %s did not answer a ping: %s", spec.wid, spec.handler, exc.message
-            )
+    # The handler's context windows, so llm_query refuses oversized prompts at once.
+    try:
+        windows = client.ping(timeout_s=WINDOWS_PING_S).context_windows or None
+    except RlmqError as exc:
+        log.warning("worker %s: the handler did not answer a ping: %s", spec.wid, exc.message)
     _apply_limits(spec)
     os.chdir(spec.workdir)
     os.umask(0o077)
@@ -454,6 +457,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = WorkerSpec.from_json(argv[0])
     os.environ.pop("PWD", None)  # set by the launcher's /bin/sh; nothing of the parent's stays
     _preimport(spec.preimport)
+    try:
+        procs.unshare_network(spec.netns)  # before any model code, for the nanny and the child
+    except OSError as exc:
+        log.error("worker %s: no network namespace (%s); not starting without one", spec.wid, exc)
+        return EXIT_SETUP
     parent = os.getppid()
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the pool (or bubblewrap) dies: so do we
     if os.getppid() != parent:

@@ -170,7 +170,7 @@ def test_handler_port_is_published_on_loopback_only_and_listens_with_curve() -> 
     assert binds == ["ipc:///run/rlmq/handler.sock", "tcp://0.0.0.0:5555"]
     env = env_of(handler)
     assert env["RLMQ_CURVE_CLIENTS"] == "${RLMQ_CURVE_CLIENTS:-}"
-    assert env["RLMQ_UMASK"] == "0000"  # the workers' uids must reach the socket
+    assert env["RLMQ_UMASK"] == "0007"  # the pool and the orchestrator reach it, the workers' uids not
 
 
 def test_health_checks_restart_policies_and_the_orchestrator_profile() -> None:

@@ -107,6 +107,7 @@ def test_blocking_client_batch_is_concurrent(zctx: zmq.Context) -> None:  # type
     async def main() -> None:
         model = HeldModel(open_at=100)  # answers only once the whole batch is in flight at once
         async with running_handler({"root": echo_model()}, backends={"root": model}) as handler:
+            handler.runs.open_run("r1", RunLimits())
 
             def batch() -> list[str]:
                 with HandlerClient(handler.address or "", context=zctx, run="r1") as client:
@@ -310,6 +311,8 @@ async def test_script_backend_replays_per_run(actx: zmq.asyncio.Context, tmp_pat
         running_handler({"s": script_model(str(script))}) as handler,
         AsyncHandlerClient(handler.address or "", context=actx) as client,
     ):
+        await client.run_open("a")
+        await client.run_open("b")
         assert (await client.complete("?", model="s", run="a")).text == "one"
         assert (await client.complete("?", model="s", run="b")).text == "one"
         assert (await client.complete("?", model="s", run="a")).text == "two"
@@ -386,3 +389,94 @@ async def test_shutdown_finishes_or_fails_every_request(actx: zmq.asyncio.Contex
     assert all(
         isinstance(r, RemoteError) and r.code == ErrorCode.UNAVAILABLE and r.retryable for r in done[20:]
     )
+
+
+# ---------------------------------------------------------------- runs belong to their opener
+
+
+async def test_a_call_naming_a_run_never_opened_is_refused_and_never_sent(actx: zmq.asyncio.Context) -> None:
+    backend = FlakyBackend([])
+    async with (
+        running_handler({"root": echo_model()}, backends={"root": backend}) as handler,
+        AsyncHandlerClient(handler.address or "", context=actx) as client,
+    ):
+        for name in ("made-up", ""):
+            with pytest.raises(RemoteError) as info:
+                await client.complete("x", model="root", run=name)
+            assert info.value.code == ErrorCode.UNKNOWN_RUN
+            assert not info.value.retryable
+        for op in (client.usage, client.run_close):
+            with pytest.raises(RemoteError) as info:
+                await op("made-up")
+            assert info.value.code == ErrorCode.UNKNOWN_RUN
+        assert backend.calls == 0
+        assert handler.runs.find("made-up") is None  # a call does not open a run
+
+
+async def test_a_run_with_a_key_serves_only_callers_showing_it(actx: zmq.asyncio.Context) -> None:
+    async with (
+        running_handler({"root": echo_model()}) as handler,
+        AsyncHandlerClient(handler.address or "", context=actx) as owner,
+        AsyncHandlerClient(handler.address or "", context=actx) as other,
+    ):
+        await owner.run_open("mine", RunLimits(max_calls=10), key="s3cret")
+        assert (await owner.complete("ok", model="root", run="mine")).text == "ok"  # the key is shown
+        refusals = [
+            other.complete("x", model="root", run="mine"),
+            other.run_open("mine", RunLimits()),  # cannot lift the limits
+            other.run_open("mine", RunLimits(), key="guess"),
+            other.run_close("mine"),
+        ]
+        for refused in refusals:
+            with pytest.raises(RemoteError) as info:
+                await refused
+            assert info.value.code == ErrorCode.UNKNOWN_RUN
+        forged = pack({"v": 1, "op": "complete", "id": "f", "model": "root", "prompt": "x", "run": "mine"})
+        sock = actx.socket(zmq.DEALER)
+        try:
+            sock.connect(handler.address or "")
+            await sock.send(forged)  # a raw client naming the run, without its key
+            reply = msgpack.unpackb(await sock.recv())
+        finally:
+            sock.close(linger=0)
+        assert reply["error"]["code"] == "unknown_run"
+        usage = await other.usage("mine")  # reading the totals needs no key
+        assert (usage.calls, usage.limits.max_calls) == (1, 10)
+        await owner.run_open("mine", RunLimits(max_calls=20))  # the owner may
+        closed = await owner.run_close("mine")
+        assert (closed.calls, closed.closed) == (1, True)
+
+
+async def test_a_run_without_a_key_is_shared_by_id(actx: zmq.asyncio.Context) -> None:
+    """The load tester opens one run and spreads its calls over processes: a run opened without
+    a key is spent by whoever names it (still within its limits)."""
+    async with (
+        running_handler({"root": echo_model()}) as handler,
+        AsyncHandlerClient(handler.address or "", context=actx) as opener,
+        AsyncHandlerClient(handler.address or "", context=actx) as other,
+    ):
+        await opener.run_open("shared", RunLimits(max_calls=1))
+        assert (await other.complete("x", model="root", run="shared")).text == "x"
+        with pytest.raises(RemoteError) as info:
+            await other.complete("y", model="root", run="shared")
+        assert info.value.code == ErrorCode.BUDGET_EXCEEDED
+
+
+@pytest.mark.parametrize(("setting", "served"), [(None, True), (True, True), (False, False)])
+async def test_calls_without_a_run_follow_allow_anonymous(
+    actx: zmq.asyncio.Context, setting: bool | None, served: bool
+) -> None:
+    extra = {} if setting is None else {"allow_anonymous": setting}
+    async with (
+        running_handler({"root": echo_model()}, **extra) as handler,
+        AsyncHandlerClient(handler.address or "", context=actx) as client,
+    ):
+        assert handler.allow_anonymous is served  # default: on, on loopback without keys
+        if served:
+            assert (await client.complete("x", model="root")).text == "x"
+        else:
+            with pytest.raises(RemoteError) as info:
+                await client.complete("x", model="root")
+            assert info.value.code == ErrorCode.UNAUTHORIZED
+            await client.run_open("r", key="k")
+            assert (await client.complete("x", model="root", run="r")).text == "x"

@@ -19,7 +19,7 @@ from conftest import requires
 from rlmq.lmhandler.backends import Backend, BackendRequest, Completion
 from rlmq.lmhandler.server import Handler
 from rlmq.lmhandler.testing import echo_model, running_handler
-from rlmq.protocol import Usage
+from rlmq.protocol import RunLimits, Usage
 from rlmq.protocol.sandbox import AsyncSandboxClient, ExecResult, Session
 from rlmq.sandbox import Pool, procs
 from rlmq.sandbox.isolation import CGROUP_V1_PIDS
@@ -46,9 +46,19 @@ def signalling() -> SignallingEcho:
     return SignallingEcho()
 
 
+# The runs of this file's sessions that make sub-calls: a handler serves only runs it holds.
+RUNS = ("r-outside", "r-bwrap", "r-bwrap-other")
+
+
+def open_runs(handler: Handler) -> None:
+    for run in RUNS:
+        handler.runs.open_run(run, RunLimits())
+
+
 @pytest.fixture
 async def handler(signalling: SignallingEcho) -> AsyncIterator[Handler]:
     async with running_handler({"sub": echo_model()}, backends={"sub": signalling}) as h:
+        open_runs(h)
         yield h
 
 
@@ -345,6 +355,7 @@ async def test_bwrap_session_with_its_own_tcp_handler(handler: Handler, actx: zm
         running_pool(handler.address or "", isolation="bwrap", workers=1) as pool,
         AsyncSandboxClient(pool.address or "", context=actx) as client,
     ):
+        open_runs(other)
         session = await client.open(run="r-bwrap-other", handler=other.address)
         result = await session.exec("llm_query('proxied elsewhere')")
         assert (result.error, result.stdout) == (None, "'proxied elsewhere'\n")

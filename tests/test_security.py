@@ -18,7 +18,7 @@ import zmq.asyncio
 from rlmq.lmhandler.config import parse_config
 from rlmq.lmhandler.server import Handler
 from rlmq.lmhandler.testing import echo_model, ipc_address
-from rlmq.protocol import AsyncHandlerClient
+from rlmq.protocol import AsyncHandlerClient, ErrorCode, RemoteError
 from rlmq.protocol.security import (
     AuthRequired,
     CurveAuthenticator,
@@ -377,9 +377,17 @@ async def test_handler_with_keys_answers_curve_clients_and_ipc(actx: zmq.asyncio
         assert tcp.startswith("tcp://")
         curve = CurveClientKeys(keys.pair.public, client)
         async with AsyncHandlerClient(tcp, context=actx, curve=curve) as good:
-            assert (await good.complete("hi", model="echo", timeout_s=5)).text == "hi"
+            # With keys, anonymous calls are off by default: every call names a run it holds.
+            with pytest.raises(RemoteError) as refused:
+                await good.complete("hi", model="echo", timeout_s=5)
+            assert refused.value.code == ErrorCode.UNAUTHORIZED
+            await good.run_open("r", key="k")
+            assert (await good.complete("hi", model="echo", run="r", timeout_s=5)).text == "hi"
         async with AsyncHandlerClient(ipc, context=actx) as local:
             assert (await local.ping(timeout_s=5)).server == "rlmq-lmhandler"
+            with pytest.raises(RemoteError) as other:  # the run is the keyed client's
+                await local.complete("hi", model="echo", run="r", timeout_s=5)
+            assert other.value.code == ErrorCode.UNKNOWN_RUN
         stranger = actx.socket(zmq.DEALER)
         try:
             connect(stranger, tcp, CurveClientKeys(keys.pair.public, generate_keypair()))

@@ -17,6 +17,7 @@ import pytest
 from conftest import requires
 
 import rlmq.sandbox
+from rlmq.sandbox import isolation
 from rlmq.sandbox.config import PoolConfig
 from rlmq.sandbox.isolation import CGROUP_V1_PIDS, UidSlots
 from rlmq.sandbox.supervisor import Silent, Supervisor, Worker, WorkerState, describe_exit
@@ -358,3 +359,51 @@ async def test_each_worker_gets_a_pids_cgroup_removed_after_it(tmp_path: Path) -
         assert not group.exists()
         root = sup.cgroups.root
     assert not root.exists()
+
+
+# ---------------------------------------------------------------- network namespaces
+
+
+@pytest.mark.parametrize(
+    ("network", "bwrap", "allowed", "mode", "says"),
+    [
+        (True, None, {"net", "user"}, "", "network = true"),  # asked for: the network stays
+        (False, "/usr/bin/bwrap", set(), "", None),  # bubblewrap makes its own namespace
+        (False, None, {"net", "user"}, "net" if IS_ROOT else "user", None),
+        (False, None, set(), "", "no network namespace for workers"),  # the kernel allows neither
+    ],
+)
+def test_network_mode_is_probed_and_a_missing_namespace_is_said(
+    monkeypatch: pytest.MonkeyPatch,
+    network: bool,
+    bwrap: str | None,
+    allowed: set[str],
+    mode: str,
+    says: str | None,
+) -> None:
+    monkeypatch.setattr(isolation, "_can_unshare", lambda python, kind: kind in allowed)
+    got, notice = isolation.network_mode(settings(network=network), bwrap=bwrap)
+    assert got == mode
+    if says is None:
+        assert notice is None
+    else:
+        assert notice is not None
+        assert says in notice
+        assert "\n" not in notice  # one line
+
+
+async def test_the_supervisor_says_once_at_start_when_workers_keep_the_network(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(isolation, "_can_unshare", lambda python, kind: False)
+    async with supervising(settings()) as (supervisor, _):
+        assert supervisor.netns == ""
+        assert supervisor.spec(spawn(supervisor)).netns == ""
+    lines = [r.getMessage() for r in caplog.records if "network namespace" in r.getMessage()]
+    assert len(lines) == 1
+    assert "docs/security.md" in lines[0]
+
+
+@requires(IS_ROOT, "root (the pool unshares the network namespace itself)")
+def test_this_machine_gives_workers_a_network_namespace() -> None:
+    assert isolation.network_mode(settings(), bwrap=None) == ("net", None)

@@ -260,9 +260,11 @@ class AsyncSandboxClient(AsyncDealer):
         exec_timeout_s: float | None = None,
         max_output_chars: int | None = None,
         on_rlm_query: RlmCallback | None = None,
+        run_key: str | None = None,
     ) -> Session:
         """Open a session on a fresh worker with ``context`` (inline) or ``context_path`` (a file
-        the pool reads; ``.json`` is parsed, anything else is UTF-8 text)."""
+        the pool reads; ``.json`` is parsed, anything else is UTF-8 text). ``run_key``: the key
+        the run was opened with at the handler, for the pool to show on the session's sub-calls."""
         if context is not None and context_path is not None:
             raise ValueError("give context or context_path, not both")
         blobs: list[Any] = []
@@ -282,6 +284,7 @@ class AsyncSandboxClient(AsyncDealer):
             context_format=fmt,
             context_path=context_path,
             rlm_query=on_rlm_query is not None,
+            run_key=run_key,
         )
         started = time.monotonic()
         obj, _ = await self._request(req.to_wire(), blobs, self.timeout_s)

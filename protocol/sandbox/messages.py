@@ -195,6 +195,9 @@ class OpenRequest:
     context_format: str | None = None
     context_path: str | None = None
     rlm_query: bool = False  # the client answers rlm_query requests (it has a callback)
+    # The key the run was opened with at the handler: the pool stamps it on the session's
+    # sub-calls; the worker never sees it.
+    run_key: str | None = None
 
     OP: ClassVar[str] = "open"
 
@@ -211,6 +214,7 @@ class OpenRequest:
                 "context_format": self.context_format,
                 "context_path": self.context_path,
                 "rlm_query": self.rlm_query,
+                "run_key": self.run_key,
             }
         )
 
@@ -243,6 +247,7 @@ class OpenRequest:
             context_format=fmt,
             context_path=path,
             rlm_query=bool(optional(d, "rlm_query", (bool,), "a boolean", rid)),
+            run_key=opt_string(d, "run_key", rid),
         )
 
 

@@ -1,0 +1,252 @@
+"""The stamping relay: the only way a worker's sub-calls leave the sandbox.
+
+    worker (model code)  --DEALER, ipc in the pool's 0700 directory-->  relay (a thread of the pool)
+                                                                          |  stamps run, depth, key
+                                                                          v  counts sub-calls per exec
+                                                          handler (the session's, CURVE keys here)
+
+Every worker connects one DEALER to the relay's ROUTER before it drops privileges, with a routing
+id the pool chose for it; after the drop the worker cannot enter the directory again, so no other
+connection can appear, and the routing id says which worker (and so which session) sent a message.
+Whatever the model's code puts in a request, the relay decides what goes on:
+
+- ``complete``: ``run``, ``depth`` and ``key`` are overwritten with the session's (the run's key is
+  the pool's, given by the orchestrator at open; the worker never holds it), and the call is
+  counted against the session's per-exec cap (``max_sub_calls_per_exec``, which the worker's
+  namespace also checks); past it the relay answers ``budget_exceeded`` and sends nothing.
+- ``ping``: passed on unchanged (workers read the models' context windows from it).
+- anything else (``run_open``, ``usage``, ...): refused with ``unauthorized``.
+- a routing id the pool did not give out: dropped.
+
+Replies need no state here: the handler echoes the envelope (the worker's routing id) and the
+relay sends each reply back to that worker as it came. The thread shares nothing with the event
+loop but ``Stamp`` objects, whose counters take a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from rlmq.protocol import ErrorCode, ErrorReply, ProtocolError, pack, peek_id, unpack
+from rlmq.protocol.client import configure_socket
+from rlmq.protocol.security import CurveClientKeys, connect
+
+__all__ = ["Stamp", "SubCallRelay"]
+
+log = logging.getLogger(__name__)
+
+# Messages taken from one socket before the others get a turn.
+_BATCH = 256
+
+
+@dataclass(eq=False)
+class Stamp:
+    """What the relay writes on a session's sub-calls, and its per-exec count of them."""
+
+    run: str
+    depth: int  # of the sub-calls: the session's depth + 1
+    key: str | None  # the run's key, if the orchestrator gave one
+    upstream: str  # the handler this session's sub-calls go to
+    max_calls: int  # sub-calls per exec (llm_query prompts and rlm_query calls)
+    calls: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def take(self, n: int = 1) -> bool:
+        """Count ``n`` sub-calls of the current exec; False (nothing counted) past the cap."""
+        with self._lock:
+            if self.calls + n > self.max_calls:
+                return False
+            self.calls += n
+            return True
+
+    def begin_exec(self) -> None:
+        with self._lock:
+            self.calls = 0
+
+
+class SubCallRelay:
+    """A ROUTER on an ipc path (in a directory only the pool can enter) relaying workers'
+    sub-calls to their sessions' handlers, stamped; in its own thread."""
+
+    def __init__(
+        self,
+        path: str,
+        default_upstream: str,
+        *,
+        curve: CurveClientKeys | None = None,
+        max_message_bytes: int,
+    ) -> None:
+        self.address = f"ipc://{path}"
+        self.default_upstream = default_upstream
+        self.curve = curve  # CURVE client keys for upstreams that require them; never a worker's
+        self.max_message_bytes = max_message_bytes
+        # routing id -> the session's stamp, or None for a worker without a session yet. Written
+        # by the event loop, read by the relay thread (single dict operations).
+        self._workers: dict[bytes, Stamp | None] = {}
+        self.relayed = 0
+        self.refused = 0
+        self.dropped = 0
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._control_address = f"inproc://relay-control-{id(self)}"
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"sub-call relay {path}", daemon=True)
+
+    # ------------------------------------------------------------ the pool's side
+
+    def admit(self, ident: bytes) -> None:
+        """A worker the pool starts will connect with ``ident``."""
+        self._workers[ident] = None
+
+    def assign(self, ident: bytes, stamp: Stamp) -> None:
+        """The worker with ``ident`` now serves a session: stamp its sub-calls with ``stamp``."""
+        if ident in self._workers:
+            self._workers[ident] = stamp
+
+    def forget(self, ident: bytes) -> None:
+        """The worker is gone: anything still arriving under its id is dropped."""
+        self._workers.pop(ident, None)
+
+    def start(self, timeout_s: float = 5.0) -> str:
+        self._thread.start()
+        if not self._ready.wait(timeout_s) or self._error is not None:
+            raise OSError(f"sub-call relay on {self.address} did not start: {self._error}")
+        return self.address
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self._thread.is_alive():
+            client = self._ctx.socket(zmq.PAIR)
+            try:
+                client.connect(self._control_address)
+                client.send(b"stop")
+            finally:
+                client.close(linger=0)
+            self._thread.join(timeout_s)
+        self._ctx.term()
+
+    # ------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        front = self._ctx.socket(zmq.ROUTER)
+        control = self._ctx.socket(zmq.PAIR)
+        try:
+            configure_socket(front)
+            # Workers run untrusted code: cap what one message may make the pool hold.
+            front.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+            front.bind(self.address)
+            control.bind(self._control_address)
+        except BaseException as exc:  # the thread's boundary: handed to start(), which raises
+            self._error = exc
+            self._ready.set()
+            front.close(linger=0)
+            control.close(linger=0)
+            return
+        self._front = front
+        self._upstreams: dict[str, zmq.Socket[Any]] = {}
+        self._poller = zmq.Poller()
+        self._poller.register(front, zmq.POLLIN)
+        self._poller.register(control, zmq.POLLIN)
+        self._ready.set()
+        try:
+            self._serve(front, control)
+        except zmq.ZMQError as exc:
+            log.debug("sub-call relay %s ended: %s", self.address, exc)
+        finally:
+            for sock in (front, control, *self._upstreams.values()):
+                sock.close(linger=0)
+
+    def _serve(self, front: zmq.Socket[Any], control: zmq.Socket[Any]) -> None:
+        while True:
+            ready = dict(self._poller.poll())
+            if control in ready:
+                return
+            for sock in ready:
+                if sock is front:
+                    self._drain(front, self._from_worker)
+                elif sock is not control:
+                    self._drain(sock, self._from_handler)
+
+    @staticmethod
+    def _drain(sock: zmq.Socket[Any], handle: Any) -> None:
+        for _ in range(_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception:  # the loop boundary: one bad message must not stop the relay
+                log.exception("the sub-call relay failed on a message")
+
+    def _from_handler(self, frames: list[zmq.Frame]) -> None:
+        # [worker routing id, reply]: the handler echoed the envelope the relay sent.
+        self._front.send_multipart(frames, copy=False)
+
+    def _upstream(self, address: str) -> zmq.Socket[Any]:
+        sock = self._upstreams.get(address)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            configure_socket(sock)
+            connect(sock, address, self.curve)
+            self._upstreams[address] = sock
+            self._poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def _from_worker(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0].bytes
+        if ident not in self._workers or len(frames) != 2:
+            self.dropped += 1  # not a worker the pool started, or not one of its messages
+            return
+        stamp = self._workers.get(ident)
+        payload = frames[1]
+        try:
+            obj = unpack(payload.buffer, max_bytes=self.max_message_bytes)
+        except ProtocolError as exc:
+            self._refuse(ident, peek_id(payload.buffer), ErrorCode.BAD_REQUEST, exc.message)
+            return
+        rid = obj.get("id")
+        if not isinstance(rid, str):
+            self.dropped += 1
+            return
+        op = obj.get("op")
+        upstream = stamp.upstream if stamp is not None else self.default_upstream
+        if op == "ping":
+            self._upstream(upstream).send_multipart([ident, payload], copy=False)
+            return
+        if op != "complete":
+            self._refuse(
+                ident, rid, ErrorCode.UNAUTHORIZED, f"only complete and ping leave the sandbox, not {op!r}"
+            )
+            return
+        if stamp is None:
+            self._refuse(ident, rid, ErrorCode.BAD_REQUEST, "this worker has no session")
+            return
+        if not stamp.take():
+            self._refuse(
+                ident,
+                rid,
+                ErrorCode.BUDGET_EXCEEDED,
+                f"this block has made {stamp.max_calls:,} sub-calls, the limit per block "
+                "(max_sub_calls_per_exec); the call was not sent",
+            )
+            return
+        obj["run"] = stamp.run
+        obj["depth"] = stamp.depth
+        if stamp.key is None:
+            obj.pop("key", None)
+        else:
+            obj["key"] = stamp.key
+        self.relayed += 1
+        self._upstream(upstream).send_multipart([ident, pack(obj)], copy=False)
+
+    def _refuse(self, ident: bytes, rid: str | None, code: ErrorCode, message: str) -> None:
+        self.refused += 1
+        if rid is None:
+            return
+        reply = ErrorReply(rid, code, message, False)
+        self._front.send_multipart([ident, pack(reply.to_wire())], copy=False)
