@@ -43,7 +43,7 @@ from rlmq.protocol import (
     RunUsage,
     Usage,
 )
-from rlmq.protocol.sandbox import AsyncSandboxClient, ExecResult
+from rlmq.protocol.sandbox import AsyncSandboxClient, ExecResult, ToolCallback
 
 from .errors import RunError
 from .interfaces import RlmCallback, SandboxSession
@@ -365,7 +365,12 @@ class GuardedSandbox:
         exec_timeout_s: float | None,
         max_output_chars: int | None,
         on_rlm_query: RlmCallback | None,
+        tools: Sequence[str] = (),
+        on_tool_call: ToolCallback | None = None,
+        sandbox_modules: Sequence[str] = (),
     ) -> SandboxSession:
+        """Host-side tools and ``sandbox_modules`` go to the pool as they are (the loop gives
+        them only when a run has some)."""
         session = await self.client.open(
             run=run,
             context=context,
@@ -376,5 +381,8 @@ class GuardedSandbox:
             max_output_chars=max_output_chars,
             on_rlm_query=on_rlm_query,
             run_key=self.models.key_of(run),
+            tools=tools,
+            on_tool_call=on_tool_call,
+            sandbox_modules=sandbox_modules,
         )
         return _GuardedSession(session, self.models, run)

@@ -5,6 +5,11 @@ observations arrive already cut by the sandbox. Once the history passes ``histor
 older turns are compacted, either dropped with a note (``window``) or replaced by a summary the
 model writes (``summary``), while the system prompt, the question and the latest
 ``keep_last_turns`` turns stay whole.
+
+In a session (``follow_up``), a later question arrives as the user message after the previous
+answer; earlier questions and answers are turns like any other, compacted like any other. The
+question being answered is never lost: once the turn that asked it is compacted away, the note
+standing for the compacted turns repeats it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,28 @@ class History:
     pending: str | None = None  # an assistant response whose observation is not in yet
     summary: str | None = None  # the note or summary standing for compacted turns
     compacted_turns: int = 0
+    current: str | None = None  # the question of a follow_up being answered
+    current_turn: int | None = None  # the index (counting compacted turns) of the turn that asked it
+
+    def follow_up(self, question: str, previous_answer: str | None) -> None:
+        """A new question in the same conversation, after the previous one was answered (or a
+        limit stopped it: ``previous_answer`` None)."""
+        done = (
+            f"[Your answer was recorded: {_clip(previous_answer)}]"
+            if previous_answer is not None
+            else "[The previous question stopped without an answer.]"
+        )
+        text = f"{done}\n\nNext question: {question}"
+        if self.pending is not None:
+            self.add_observation(text)
+        elif self.turns:  # the last message is already the user's: keep turns alternating
+            response, observation = self.turns[-1]
+            self.turns[-1] = (response, f"{observation}\n\n{text}")
+        else:
+            self.question = f"{self.question}\n\n{text}"
+            return
+        self.current = question
+        self.current_turn = self.compacted_turns + len(self.turns) - 1
 
     def add_response(self, text: str) -> None:
         self.pending = text
@@ -93,7 +120,14 @@ class History:
                 f"[{self.compacted_turns + len(old)} earlier turns were dropped to keep the history "
                 "short. Everything you defined in the REPL still exists; print variables to recall them.]"
             )
+        if self.current_turn is not None and self.current_turn < self.compacted_turns + len(old):
+            note += f"\n\n[The question you are answering now: {self.current}]"
         self.compacted_turns += len(old)
         self.turns = keep
         self.summary = note
         return Compaction(len(old), before, self.chars(), summary)
+
+
+def _clip(text: str | None, limit: int = 2_000) -> str:
+    text = text or ""
+    return text if len(text) <= limit else text[:limit] + f" ... [{len(text) - limit:,} more characters]"

@@ -15,10 +15,17 @@ iteration, fallback answer) in a ``_Level``.
 
 Recursion: ``rlm_query`` in a session's code comes back here through the sandbox, and runs a
 child loop at depth + 1 with its own session, under the same run id (so the same budget).
+
+Host-side tools (``tools``, a ``ToolBox``) come back the same way and are answered here; every
+session of a run, child runs' included, has them. ``Conversation`` asks many questions over one
+context: one run at the handler, one sandbox session, one history (see its docstring).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import inspect
 import logging
 import os
 import time
@@ -27,15 +34,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from rlmq.protocol import ChatMessage, CompleteReply, ErrorCode, ErrorInfo, RlmqError, RunUsage
+from rlmq.protocol import ChatMessage, CompleteReply, ErrorCode, ErrorInfo, RlmqError, RunUsage, Usage
 from rlmq.protocol.sandbox import ExecResult
 
-from .errors import ChildRunFailed
+from .errors import ChildRunFailed, SettingsError
 from .history import History
 from .interfaces import ModelClient, RlmCallback, Sandbox, SandboxSession
 from .parsing import FinalText, extract_code_blocks, find_final, prose_after_code, without_code
 from .prompts import describe_context, last_call_prompt, no_code_nudge, system_prompt
 from .settings import RunSettings
+from .tools import ToolBox, describe_modules
 from .trajectory import Trajectory
 
 __all__ = [
@@ -43,6 +51,7 @@ __all__ = [
     "LAST_CALL",
     "NO_CODE_NUDGE",
     "RLM",
+    "Conversation",
     "Ending",
     "RunCounters",
     "RunResult",
@@ -188,7 +197,9 @@ class RLM:
     ``sandbox`` any ``Sandbox`` (``AsyncSandboxClient``, or ``testing.InMemorySandbox``).
     ``on_event`` sees every trajectory event of every run; ``clock`` measures wall time.
     ``sub_window_tokens``: the sub-model's context window, when known (the handler's ``ping``
-    tells it), so the system prompt can say how much one ``llm_query`` reads.
+    tells it), so the system prompt can say how much one ``llm_query`` reads. ``tools``: host-side
+    tools for the model's code (the sandbox must take them, as ``budget.GuardedSandbox`` and
+    ``testing.InMemorySandbox`` do).
     """
 
     def __init__(
@@ -200,6 +211,7 @@ class RLM:
         on_event: EventSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         sub_window_tokens: int | None = None,
+        tools: ToolBox | None = None,
     ) -> None:
         self.models = models
         self.sandbox = sandbox
@@ -207,7 +219,25 @@ class RLM:
         self.on_event = on_event
         self.clock = clock
         self.sub_window_tokens = sub_window_tokens
+        self.tools = tools if tools else None
         self._active: dict[str, _Run] = {}
+        self._modules_text: dict[tuple[str, ...], str] = {}
+
+    def modules_text(self, modules: tuple[str, ...]) -> str:
+        """What the system prompt says of ``sandbox_modules`` (described once per RLM)."""
+        if modules not in self._modules_text:
+            self._modules_text[modules] = describe_modules(modules)
+        return self._modules_text[modules]
+
+    async def conversation(
+        self, context: Any, *, run_id: str | None = None, trajectory: Trajectory | None = None
+    ) -> Conversation:
+        """Open a ``Conversation`` over ``context`` (its session and its run at the handler).
+        Raises what kept it from opening (a module of ``sandbox_modules`` that cannot be
+        imported, a pool that refused the session, ...); close it with ``close()``."""
+        conversation = Conversation(self, run_id or new_run_id(), trajectory or Trajectory(None))
+        await conversation.open(context)
+        return conversation
 
     async def run(
         self, query: str, context: Any, *, run_id: str | None = None, trajectory: Trajectory | None = None
@@ -241,6 +271,8 @@ class _Run:
         self.clock = rlm.clock
         self.on_event = rlm.on_event
         self.sub_window_tokens = rlm.sub_window_tokens
+        self.rlm = rlm
+        self.tools = rlm.tools
         self.trajectory = trajectory
         self.counters = RunCounters()
         self.started = self.clock()
@@ -323,17 +355,7 @@ class _Run:
             return self.finish(depth, self.stopped_by(exc, ("", Ending.NONE), 0))
         if depth > 0:
             self.event("child_start", depth=depth, query=query, context=describe_context(context))
-        s = self.settings
-        prompt = system_prompt(
-            context,
-            depth=depth,
-            max_depth=s.max_depth,
-            max_output_chars=s.max_output_chars,
-            sub_model=s.sub_model,
-            endings=s.endings,
-            sub_window_tokens=self.sub_window_tokens,
-        )
-        level = _Level(depth, session, History(prompt, f"Question: {query}"))
+        level = _Level(depth, session, History(self.prompt(context, depth), f"Question: {query}"))
         try:
             return self.finish(depth, await self.iterate(level))
         except RlmqError as exc:
@@ -344,8 +366,34 @@ class _Run:
             except RlmqError as exc:  # the outcome stands; the pool reaps what it cannot close
                 log.warning("could not close a session of run %s: %s", self.id, ErrorInfo.of(exc))
 
+    def prompt(self, context: Any, depth: int, *, conversation: bool = False) -> str:
+        s = self.settings
+        return system_prompt(
+            context,
+            depth=depth,
+            max_depth=s.max_depth,
+            max_output_chars=s.max_output_chars,
+            sub_model=s.sub_model,
+            endings=s.endings,
+            sub_window_tokens=self.sub_window_tokens,
+            tools="" if self.tools is None else self.tools.describe(),
+            modules=self.rlm.modules_text(s.sandbox_modules) if s.sandbox_modules else "",
+            conversation=conversation,
+        )
+
     async def open_session(self, context: Any, depth: int) -> SandboxSession:
         s = self.settings
+        extra: dict[str, Any] = {}
+        if self.tools is not None:
+            extra["tools"] = self.tools.names
+            extra["on_tool_call"] = self.tools.callback(s.tool_timeout_s)
+        if s.sandbox_modules:
+            extra["sandbox_modules"] = s.sandbox_modules
+        if extra and not _takes(self.sandbox.open, "tools"):
+            raise SettingsError(
+                f"host-side tools and sandbox_modules need a sandbox that takes them; "
+                f"{type(self.sandbox).__name__} does not (use budget.GuardedSandbox)"
+            )
         return await self.sandbox.open(
             run=self.id,
             context=context,
@@ -355,6 +403,7 @@ class _Run:
             exec_timeout_s=s.exec_timeout_s,
             max_output_chars=s.max_output_chars,
             on_rlm_query=self.child_runner(depth),
+            **extra,
         )
 
     def child_runner(self, depth: int) -> RlmCallback | None:
@@ -614,3 +663,164 @@ class _Run:
         value = result.final if result.ending in (None, "final_var") else None
         self.event("final_var", depth=level.depth, iteration=iteration, name=name, found=value is not None)
         return value
+
+
+def _takes(method: Callable[..., Any], name: str) -> bool:
+    """Whether ``method`` has a parameter ``name`` (or takes any keyword)."""
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _spent_between(before: RunUsage | None, after: RunUsage | None) -> RunUsage | None:
+    """What the run spent from ``before`` to ``after`` (two reports of the same run)."""
+    if after is None or before is None:
+        return after
+    a, b = after.usage, before.usage
+    return dataclasses.replace(
+        after,
+        calls=after.calls - before.calls,
+        cached_calls=after.cached_calls - before.cached_calls,
+        failed_calls=after.failed_calls - before.failed_calls,
+        usage=Usage(
+            a.input_tokens - b.input_tokens,
+            a.output_tokens - b.output_tokens,
+            a.cache_read_tokens - b.cache_read_tokens,
+            a.cache_write_tokens - b.cache_write_tokens,
+        ),
+        cost_usd=round(after.cost_usd - before.cost_usd, 9),
+    )
+
+
+class Conversation:
+    """Many questions over one context (``RLM.conversation``), asked one at a time.
+
+    - One run at the handler for the whole conversation, under one run id: its budget
+      (``max_calls``, tokens, ``max_cost_usd``) is the conversation's, spent by every question in
+      turn. ``max_iterations`` and ``wall_time_s`` (checked here, not by the handler) count per
+      question, from the settings given to each ``ask``.
+    - One sandbox session at depth 0, opened with the context: the REPL keeps its variables from
+      one question to the next (the answer dict is reset before each question after the first).
+      Child runs (``rlm_query``) open sessions of their own, as in any run.
+    - One history: each later question follows the previous answer (``History.follow_up``) and
+      everything is compacted like any history.
+    - One trajectory: ``run_start``, then for each question an ``ask`` event and the events of its
+      iterations, then ``run_end`` at ``close``.
+    """
+
+    def __init__(self, rlm: RLM, run_id: str, trajectory: Trajectory) -> None:
+        self._rlm = rlm
+        self._run = _Run(rlm, run_id, trajectory)
+        self._session: SandboxSession | None = None
+        self._history: History | None = None
+        self._prompt = ""
+        self._last_answer: str | None = None
+        self._lock = asyncio.Lock()
+        self._opened = False
+        self._opened_at = rlm.clock()
+        self.asks = 0
+        self.closed = False
+        self.usage: RunUsage | None = None  # the conversation's totals, once closed
+
+    @property
+    def run_id(self) -> str:
+        return self._run.id
+
+    async def open(self, context: Any) -> None:
+        run, s = self._run, self._run.settings
+        if run.id in self._rlm._active:
+            raise ValueError(f"run {run.id!r} is already running on this RLM")
+        self._rlm._active[run.id] = run
+        run.event(
+            "run_start",
+            run=run.id,
+            query=None,
+            conversation=True,
+            context=describe_context(context),
+            settings={k: getattr(s, k) for k in s.__dataclass_fields__},
+        )
+        self._opened = True
+        try:
+            # The handler's deadline would span the conversation: wall time counts per question here.
+            await run.models.run_open(run.id, dataclasses.replace(s.limits(), deadline_s=None))
+            self._session = await run.open_session(context, 0)
+        except BaseException:
+            await self.close()
+            raise
+        self._prompt = run.prompt(context, 0, conversation=True)
+
+    async def ask(self, query: str, settings: RunSettings | None = None) -> RunResult:
+        """Answer one question, with the REPL and the history of the earlier ones. ``settings``:
+        this question's (its iterations, wall time, ...; the budget stays the conversation's)."""
+        async with self._lock:
+            if self.closed or self._session is None:
+                raise ValueError("this conversation is closed")
+            run = self._run
+            run.settings = settings or self._rlm.settings
+            run.started = run.clock()
+            wall = run.settings.wall_time_s
+            run.deadline = None if wall is None else run.started + wall
+            run.counters = RunCounters()
+            self.asks += 1
+            run.event("ask", ask=self.asks, query=query)
+            before = await self._usage()
+            if self._history is None:
+                self._history = History(self._prompt, f"Question: {query}")
+            else:
+                self._history.follow_up(query, self._last_answer)
+            level = _Level(0, self._session, self._history)
+            try:
+                if self.asks > 1:
+                    await self._session.exec('answer = {"content": "", "ready": False}')
+                outcome = run.finish(0, await run.iterate(level))
+            except RlmqError as exc:
+                outcome = run.finish(0, run.stopped_by(exc, await run.fallback(level), level.iteration))
+            self._last_answer = outcome.answer if outcome.reason.answered else None
+            spent = _spent_between(before, await self._usage())
+            return RunResult(
+                outcome.answer,
+                outcome.reason,
+                outcome.iterations,
+                run.id,
+                round(run.clock() - run.started, 3),
+                spent,
+                outcome.detail,
+                error=outcome.error,
+                ending=outcome.ending,
+            )
+
+    async def _usage(self) -> RunUsage | None:
+        try:
+            return await self._run.models.usage(self._run.id)
+        except RlmqError as exc:
+            log.info("run %s: no usage report: %s", self._run.id, ErrorInfo.of(exc))
+            return None
+
+    async def close(self) -> None:
+        """Close the session and the run at the handler; write ``run_end``. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        run = self._run
+        try:
+            if self._session is not None:
+                await self._session.close()
+        except RlmqError as exc:  # the pool reaps what it cannot close
+            log.warning("could not close the session of run %s: %s", run.id, ErrorInfo.of(exc))
+        finally:
+            try:
+                self.usage = await run.models.run_close(run.id)
+            except RlmqError as exc:
+                log.warning("could not close run %s: %s", run.id, ErrorInfo.of(exc))
+            finally:
+                self._rlm._active.pop(run.id, None)
+                if self._opened:
+                    run.event(
+                        "run_end",
+                        run=run.id,
+                        asks=self.asks,
+                        elapsed_s=round(run.clock() - self._opened_at, 3),
+                        usage=self.usage.to_wire() if self.usage else None,
+                    )

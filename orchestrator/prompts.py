@@ -65,6 +65,10 @@ def describe_context(context: Any) -> str:
     return f"a {type(context).__name__}"
 
 
+def _indent(lines: str) -> str:
+    return "".join(f"  {line}\n" for line in lines.splitlines())
+
+
 def system_prompt(
     context: Any,
     *,
@@ -74,9 +78,15 @@ def system_prompt(
     sub_model: str,
     endings: str = "final",
     sub_window_tokens: int | None = None,
+    tools: str = "",
+    modules: str = "",
+    conversation: bool = False,
 ) -> str:
     """The root model's system prompt. ``endings`` picks the endings it teaches (``ENDINGS``);
-    ``sub_window_tokens``, when known, is the sub-model's context window."""
+    ``sub_window_tokens``, when known, is the sub-model's context window. ``tools``: lines
+    describing the host-side tools (``ToolBox.describe``); ``modules``: lines describing what
+    ``sandbox_modules`` added (``tools.describe_modules``); ``conversation``: the run is a
+    session where more questions follow the first."""
     recursion = (
         "- `rlm_query(prompt, context=None) -> str`: start a full recursive run (its own REPL and "
         "iterations) on a sub-problem; `context` defaults to the prompt. Costly: use it for "
@@ -109,6 +119,21 @@ def system_prompt(
         if sub_window_tokens
         else "It can read about 100k characters at a time"
     )
+    host = (
+        "- Host-side tools: functions that run outside the sandbox, called like any function. "
+        "Arguments and results are plain data (None, bool, int, float, str, bytes, lists and dicts "
+        "of them); a tool that fails raises `ToolError`.\n" + _indent(tools)
+        if tools
+        else ""
+    )
+    helpers = "- Helper modules imported for you:\n" + _indent(modules) if modules else ""
+    session = (
+        "\nThis is a conversation: after you answer, more questions about the same context may "
+        "follow. The REPL keeps everything you defined between questions, so reuse earlier "
+        "results rather than recomputing them.\n"
+        if conversation
+        else ""
+    )
     return f"""You answer a question about a context too large to read at once. The context is loaded \
 in a Python REPL as the variable `context`: {describe_context(context)}.
 
@@ -127,7 +152,7 @@ text. {reads}. It does not see `context` unless you pass it.
 - `llm_query_batched(prompts, model=None) -> list[str]`: many llm_query calls at once, \
 concurrently; answers in order. Much faster than a loop of llm_query.
 {recursion}- `SHOW_VARS()`: the variables you have defined.
-{enders}
+{host}{helpers}{enders}{session}
 How to work:
 1. Peek first: the type, the length, a few slices, the structure (lines, sections, records).
 2. Pre-filter in Python (regex, keywords, slicing) before spending model calls.

@@ -51,6 +51,7 @@ async def run_query(
         except RlmqError:
             window = None
         models = GuardedModels(hc)
+        # The pool gets the run's key, and [run] sandbox_modules, through GuardedSandbox.
         rlm = RLM(models, GuardedSandbox(sc, models), settings, sub_window_tokens=window)
         if not show_progress:
             return await rlm.run(query, context, run_id=run_id, trajectory=trajectory)

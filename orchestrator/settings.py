@@ -40,6 +40,17 @@ class RunSettings:
     # Which endings the system prompt teaches: final (FINAL/FINAL_VAR), answer (the answer dict
     # of rlms >= 0.1.2) or both. Every ending ends the run, whatever is taught.
     endings: str = "final"
+    # Host-side tools: how long one call may take (None: no limit).
+    tool_timeout_s: float | None = 60.0
+    # Modules the worker imports into the REPL at session open (pure helpers: their public names,
+    # and the module under its last name). One it cannot import fails the session's open.
+    sandbox_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A TOML list, or a list given in Python, is kept as a tuple: the settings stay hashable.
+        if isinstance(self.sandbox_modules, str):
+            raise SettingsError("sandbox_modules must be a list of module names, not a str")
+        object.__setattr__(self, "sandbox_modules", tuple(self.sandbox_modules))
 
     def limits(self) -> RunLimits:
         return RunLimits(
@@ -63,6 +74,11 @@ class RunSettings:
             raise SettingsError(f"endings must be one of {', '.join(ENDINGS)}, not {self.endings!r}")
         if self.keep_last_turns < 1:
             raise SettingsError("keep_last_turns must be at least 1")
+        if self.tool_timeout_s is not None and self.tool_timeout_s <= 0:
+            raise SettingsError("tool_timeout_s must be positive")
+        for name in self.sandbox_modules:
+            if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
+                raise SettingsError(f"sandbox_modules: {name!r} is not a module name")
         return self
 
 

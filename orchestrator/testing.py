@@ -26,6 +26,7 @@ import asyncio
 import builtins
 import concurrent.futures
 import contextlib
+import importlib
 import io
 import linecache
 import sys
@@ -37,6 +38,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+
+import msgpack
 
 from rlmq.protocol import (
     ChatMessage,
@@ -50,6 +53,7 @@ from rlmq.protocol import (
     Usage,
 )
 from rlmq.protocol.sandbox import ExecError, ExecResult, SandboxError
+from rlmq.protocol.sandbox.client import ToolCallback
 
 from .interfaces import ModelClient, RlmCallback, Sandbox
 from .trajectory import Trajectory
@@ -63,6 +67,7 @@ __all__ = [
     "RLMQueryError",
     "ScriptedModelClient",
     "ScriptedReply",
+    "ToolError",
     "echo_last_user",
     "events",
 ]
@@ -309,6 +314,13 @@ class RLMQueryError(RuntimeError):
     """An rlm_query call failed or is not available (raised inside the model's code)."""
 
 
+class ToolError(RuntimeError):
+    """A host-side tool failed (raised inside the model's code)."""
+
+
+ToolError.__module__ = "builtins"
+
+
 # The model sees these as builtins, as it does in a real worker.
 LLMQueryError.__module__ = RLMQueryError.__module__ = "builtins"
 
@@ -341,8 +353,12 @@ class InMemorySession:
         wait_s: float,
         context_windows: Mapping[str, int] | None = None,
         max_sub_calls: int = 1_000,
+        tools: Sequence[str] = (),
+        on_tool_call: ToolCallback | None = None,
+        sandbox_modules: Sequence[str] = (),
     ) -> None:
         self.id = f"mem-{next(self._numbers)}"
+        self.on_tool_call = on_tool_call
         self.run = run
         self.depth = depth
         self.max_depth = max_depth
@@ -378,7 +394,15 @@ class InMemorySession:
             "answer": {"content": "", "ready": False},
             "LLMQueryError": LLMQueryError,
             "RLMQueryError": RLMQueryError,
+            "ToolError": ToolError,
         }
+        for name in tools:
+            self.namespace[name] = self._tool(name)
+        for module_name in sandbox_modules:  # as a worker does, minus its checks
+            module = importlib.import_module(module_name)
+            self.namespace[module_name.rpartition(".")[2]] = module
+            public = getattr(module, "__all__", [k for k in vars(module) if not k.startswith("_")])
+            self.namespace.update({k: getattr(module, k) for k in public})
         self._helpers = frozenset(k for k in self.namespace if k not in ("context", "answer"))
 
     def __repr__(self) -> str:
@@ -597,6 +621,27 @@ class InMemorySession:
                 info = ErrorInfo(ErrorCode.RLM_FAILED, info.message)
             raise RLMQueryError(f"rlm_query failed: ({info.code}) {info.message}") from None
 
+    def _tool(self, name: str) -> Callable[..., Any]:
+        def tool(*args: Any, **kwargs: Any) -> Any:
+            callback = self.on_tool_call
+            if callback is None:
+                raise ToolError(f"{name}(): this session has no host-side tools")
+            try:
+                packed = msgpack.packb([list(args), kwargs], use_bin_type=True)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise TypeError(f"{name}(): its arguments must be msgpack values: {exc}") from None
+            call_args, call_kwargs = msgpack.unpackb(packed, raw=False)
+            try:
+                return self._wait(lambda: callback(name, call_args, call_kwargs))
+            except concurrent.futures.TimeoutError:
+                raise ToolError(f"{name}(): no answer within {self.wait_s:g} s") from None
+            except Exception as exc:  # the callback boundary, as in the real client
+                info = ErrorInfo.of(exc)
+                raise ToolError(f"{name}() failed ({info.code}): {info.message}") from None
+
+        tool.__name__ = name
+        return tool
+
     def _final_fn(self, value: Any) -> None:
         self._final = str(value)
         self._final_var = None
@@ -688,6 +733,9 @@ class InMemorySandbox:
         exec_timeout_s: float | None = None,
         max_output_chars: int | None = None,
         on_rlm_query: RlmCallback | None = None,
+        tools: Sequence[str] = (),
+        on_tool_call: ToolCallback | None = None,
+        sandbox_modules: Sequence[str] = (),
     ) -> InMemorySession:
         """``exec_timeout_s`` is accepted and ignored: code in this process cannot be stopped."""
         if self.open_error is not None:
@@ -705,6 +753,9 @@ class InMemorySandbox:
             wait_s=self.wait_s,
             context_windows=self.context_windows,
             max_sub_calls=self.max_sub_calls,
+            tools=tools,
+            on_tool_call=on_tool_call,
+            sandbox_modules=sandbox_modules,
         )
         self.sessions.append(session)
         return session

@@ -13,11 +13,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .facade import RLM, Progress, Result
+    from .facade import RLM, Progress, Result, Session
 
-__all__ = ["RLM", "Progress", "Result"]
+__all__ = ["RLM", "Progress", "Result", "Session"]
 
-_LAZY = {"RLM": "rlmq.facade", "Progress": "rlmq.facade", "Result": "rlmq.facade"}
+_LAZY = {name: "rlmq.facade" for name in __all__}
 
 
 def __getattr__(name: str) -> Any:

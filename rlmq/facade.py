@@ -16,8 +16,18 @@ Context: a ``str`` (or ``bytes``) is the document itself, never a file name; a `
 given as a string, is read from disk like ``rlmq run --context``: a text file, a ``.json`` file,
 or a directory (a dict of relative path to text).
 
-Sessions (``RLM.session``) and host-side tools (``tools=``) are part of the surface but come with
-phase 2 of issue 16: today they raise ``NotImplementedError`` saying so.
+Sessions: ``with rlm.session(context) as s: s.ask(q1); s.ask(q2)`` (or ``async with
+rlm.asession(context) as s: await s.aask(q)``) load the context once; the REPL keeps its
+variables and the history its questions and answers from one question to the next. One session is
+one run at the handler (one run id, one budget, one trajectory); each question has its own
+iterations and wall time (``ask(q, max_iterations=...)``) and its ``Result`` counts what it spent.
+
+Host-side tools: ``tools={"search": fn}`` makes ``search(...)`` callable from the model's code;
+``fn`` runs here, in this process, on the trusted side (``rlmq.orchestrator.tools``).
+``sandbox_modules=["pkg.helpers"]`` (a run setting) imports helpers into the REPL instead.
+
+Runs are opened with a key of their own and survive a handler restart with what is left of their
+budget (``GuardedModels``), as those of ``rlmq run`` do.
 """
 
 from __future__ import annotations
@@ -41,9 +51,13 @@ from rlmq.orchestrator import (
     RLM as _Loop,
 )
 from rlmq.orchestrator import (
+    Conversation,
+    GuardedModels,
+    GuardedSandbox,
     RunResult,
     RunSettings,
     StopReason,
+    ToolBox,
     Trajectory,
     load_context,
     load_run_settings,
@@ -55,7 +69,7 @@ from rlmq.protocol.sandbox import AsyncSandboxClient
 from rlmq.protocol.security import CurveClientKeys
 from rlmq.protocol.tables import read_toml
 
-__all__ = ["DEFAULT_TRAJECTORY_DIR", "RLM", "Progress", "Result"]
+__all__ = ["DEFAULT_TRAJECTORY_DIR", "RLM", "Progress", "Result", "Session"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +78,21 @@ T = TypeVar("T")
 DEFAULT_TRAJECTORY_DIR = Path("rlmq-runs")  # where `rlmq run` writes them too
 PING_TIMEOUT_S = 5.0
 SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(RunSettings))
-PHASE_2 = "issue 16, phase 2"
+# Settings a session fixes when it opens (its budget, its sandbox session): not per question.
+SESSION_SETTINGS = frozenset(
+    {
+        "max_calls",
+        "max_input_tokens",
+        "max_output_tokens",
+        "max_cost_usd",
+        "max_depth",
+        "sub_model",
+        "exec_timeout_s",
+        "max_output_chars",
+        "sandbox_modules",
+        "tool_timeout_s",
+    }
+)
 
 ContextArg = str | bytes | list[Any] | tuple[Any, ...] | dict[Any, Any] | os.PathLike[str] | None
 Tools = Mapping[str, Callable[..., Any]]
@@ -150,13 +178,15 @@ ProgressCallback = Callable[[Progress], None]
 class _ProgressTracker:
     """Turns one run's trajectory events into ``Progress`` for a sink."""
 
-    def __init__(self, run_id: str, sink: Callable[[Progress], None]) -> None:
+    def __init__(self, run_id: str, sink: Callable[[Progress], None] | None) -> None:
         self.run_id = run_id
-        self.sink = sink
+        self.sink = sink  # None: nobody listens (a session's question without on_progress)
         self.sub_calls = 0
         self.model_calls = 0
 
     def __call__(self, name: str, fields: dict[str, Any]) -> None:
+        if self.sink is None:
+            return
         depth = int(fields.get("depth", 0))
         iteration = int(fields.get("iteration", 0))
         where = f"depth {depth}, iteration {iteration}" if depth else f"iteration {iteration}"
@@ -233,8 +263,8 @@ StartServices = Callable[[contextlib.AsyncExitStack], Awaitable[tuple[str, str]]
 
 @dataclass(frozen=True, slots=True)
 class _Connection:
-    models: AsyncHandlerClient
-    sandbox: AsyncSandboxClient
+    models: GuardedModels  # runs with keys, that survive a handler restart
+    sandbox: GuardedSandbox  # sessions with the run's key, tools and sandbox_modules
     context_windows: Mapping[str, int]
 
 
@@ -249,6 +279,7 @@ class _Shared:
         self._connection: _Connection | None = None
         self._lock = asyncio.Lock()  # bound to the private loop on first use
         self.runs: set[asyncio.Task[Any]] = set()  # in progress, cancelled by close()
+        self.sessions: set[Session] = set()  # open sessions, closed by close()
         self.closed = False
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
@@ -287,7 +318,8 @@ class _Shared:
             windows: Mapping[str, int] = (await models.ping(timeout_s=PING_TIMEOUT_S)).context_windows
         except RlmqError:
             windows = {}
-        return _Connection(models, pool, windows)
+        guarded = GuardedModels(models)
+        return _Connection(guarded, GuardedSandbox(pool, guarded), windows)
 
     async def aclose(self) -> None:
         self.closed = True
@@ -298,6 +330,8 @@ class _Shared:
             if not task.cancelling():
                 task.cancel()
         await asyncio.gather(*runs, return_exceptions=True)
+        await asyncio.gather(*(s.finish() for s in list(self.sessions)), return_exceptions=True)
+        self.sessions.clear()
         async with self._lock:
             self._connection = None
             await self._stack.aclose()
@@ -353,12 +387,13 @@ def _check_options(options: Mapping[str, Any], *, what: str) -> None:
         )
 
 
-def _no_tools(tools: Tools | None) -> None:
-    if tools:
-        raise NotImplementedError(
-            f"host-side tools (tools=) are not available yet: they come with {PHASE_2}, "
-            "through the same path as rlm_query"
-        )
+def _toolbox(tools: Tools | None) -> ToolBox | None:
+    """The tools of ``tools=`` (bad names and non-callables are refused here, at once)."""
+    if tools is None:
+        return None
+    if not isinstance(tools, Mapping):
+        raise TypeError(f"tools must be a dict of name to function, not {type(tools).__name__}")
+    return ToolBox(tools) if tools else None
 
 
 class RLM:
@@ -367,9 +402,10 @@ class RLM:
     Make one with ``RLM.from_config`` (private services, started on first use and stopped by
     ``close()``, by leaving a ``with`` block, or at interpreter exit) or ``RLM.connect`` (services
     already running). Options are the same for both: the run settings (``max_iterations=``,
-    ``max_depth=``, ``sub_model=``, ``wall_time_s=``, ``max_cost_usd=``, ... every field of
-    ``rlmq.orchestrator.RunSettings``), ``trajectory_dir=`` (default ``rlmq-runs``; None writes
-    none) and ``tools=`` (phase 2). With a config, its ``[run]`` table comes first and the
+    ``max_depth=``, ``sub_model=``, ``wall_time_s=``, ``max_cost_usd=``, ``sandbox_modules=``,
+    ``tool_timeout_s=``, ... every field of ``rlmq.orchestrator.RunSettings``),
+    ``trajectory_dir=`` (default ``rlmq-runs``; None writes none) and ``tools=`` (a dict of name
+    to function: host-side tools). With a config, its ``[run]`` table comes first and the
     options override it.
     """
 
@@ -380,9 +416,11 @@ class RLM:
         *,
         trajectory_dir: Path | None,
         owner: bool,
+        tools: ToolBox | None = None,
     ) -> None:
         """Not for direct use: see ``from_config``, ``connect`` and ``with_options``."""
         self._shared = shared
+        self._tools = tools
         self.settings = settings
         self.trajectory_dir = trajectory_dir
         self._owner = owner
@@ -402,13 +440,13 @@ class RLM:
     ) -> RLM:
         """Private services from ``config`` (its ``[models.*]``, ``[sandbox]`` and ``[run]``),
         started on first use. A missing or invalid file is a ``ConfigError`` now, not later."""
-        _no_tools(tools)
+        box = _toolbox(tools)
         _check_options(settings, what="option")
         path = Path(config)
         read_toml(path, error=ConfigError)  # exists and parses: fail here, not in a child process
         run = load_run_settings(path, settings)
         shared = _Shared(_private_services(path), curve=None)  # ipc:// in a private directory
-        return cls(shared, run, trajectory_dir=_dir(trajectory_dir), owner=True)
+        return cls(shared, run, trajectory_dir=_dir(trajectory_dir), owner=True, tools=box)
 
     @classmethod
     def connect(
@@ -424,21 +462,22 @@ class RLM:
     ) -> RLM:
         """Use a running handler and pool. ``config``: a file whose ``[run]`` table gives the
         settings' defaults; ``curve``: client keys for services on TCP beyond loopback."""
-        _no_tools(tools)
+        box = _toolbox(tools)
         _check_options(settings, what="option")
         run = load_run_settings(None if config is None else Path(config), settings)
         shared = _Shared(_running_services(handler, sandbox), curve=curve)
-        return cls(shared, run, trajectory_dir=_dir(trajectory_dir), owner=True)
+        return cls(shared, run, trajectory_dir=_dir(trajectory_dir), owner=True, tools=box)
 
     def with_options(self, **options: Any) -> RLM:
         """Another ``RLM`` on the same services and clients with some options changed (run
-        settings, ``trajectory_dir``). Closing it does nothing: the original owns the services."""
+        settings, ``trajectory_dir``, ``tools``). Closing it does nothing: the original owns the
+        services."""
         trajectory_dir = _dir(options.pop("trajectory_dir")) if "trajectory_dir" in options else None
-        _no_tools(options.pop("tools", None))
+        box = _toolbox(options.pop("tools")) if "tools" in options else self._tools
         _check_options(options, what="option")
         settings = dataclasses.replace(self.settings, **options).validated()
         keep_dir = self.trajectory_dir if trajectory_dir is None else trajectory_dir
-        return RLM(self._shared, settings, trajectory_dir=keep_dir, owner=False)
+        return RLM(self._shared, settings, trajectory_dir=keep_dir, owner=False, tools=box)
 
     # ------------------------------------------------------------ runs
 
@@ -499,13 +538,45 @@ class RLM:
         future = self._shared.submit(self._run(query, context, path, settings, run_id, trajectory, sink))
         return await asyncio.wrap_future(future)
 
-    def session(self, context: ContextArg = None, *, path: str | os.PathLike[str] | None = None) -> Any:
+    def session(
+        self,
+        context: ContextArg = None,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        run_id: str | None = None,
+        trajectory: str | os.PathLike[str] | None = None,
+        **settings: Any,
+    ) -> Session:
         """A conversation over one context that keeps the REPL and the history between questions:
-        ``with rlm.session(ctx) as s: s.ask(q1); s.ask(q2)``. Not available yet."""
-        raise NotImplementedError(
-            f"RLM.session() is not available yet: sessions that keep the REPL between questions "
-            f"come with {PHASE_2}; use completion() for each question meanwhile"
-        )
+        ``with rlm.session(ctx) as s: a = s.ask(q1); b = s.ask(q2)``.
+
+        ``settings``: run settings for the whole session (its budget: ``max_cost_usd``,
+        ``max_calls``, ...; ``sandbox_modules``; any other as the default of each question).
+        The session opens on ``with`` (or ``open()``, or the first question): the context is
+        loaded then, and a module of ``sandbox_modules`` that cannot be imported raises then.
+        ``trajectory``: the session's one trajectory file (default ``trajectory_dir/RUN_ID.jsonl``).
+        """
+        _check_options(settings, what="setting")
+        run = dataclasses.replace(self.settings, **settings).validated() if settings else self.settings
+        return Session(self, context, path, run, run_id or new_run_id(), trajectory)
+
+    def asession(
+        self,
+        context: ContextArg = None,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        run_id: str | None = None,
+        trajectory: str | os.PathLike[str] | None = None,
+        **settings: Any,
+    ) -> Session:
+        """``session`` for asyncio code: ``async with rlm.asession(ctx) as s: await s.aask(q)``
+        (the same ``Session``; the name says how it is meant to be used)."""
+        return self.session(context, path=path, run_id=run_id, trajectory=trajectory, **settings)
+
+    def _trajectory_path(self, run_id: str, trajectory: str | os.PathLike[str] | None) -> Path | None:
+        if trajectory is not None:
+            return Path(trajectory)
+        return None if self.trajectory_dir is None else self.trajectory_dir / f"{run_id}.jsonl"
 
     def _run_settings(self, limits: Mapping[str, Any]) -> RunSettings:
         if not limits:
@@ -547,16 +618,14 @@ class RLM:
         value = await asyncio.to_thread(_context_value, context, path)  # may read files
         connection = await self._shared.connection()
         run_id = run_id or new_run_id()
-        if trajectory is not None:
-            where: Path | None = Path(trajectory)
-        else:
-            where = None if self.trajectory_dir is None else self.trajectory_dir / f"{run_id}.jsonl"
+        where = self._trajectory_path(run_id, trajectory)
         loop = _Loop(
             connection.models,
             connection.sandbox,
             settings,
             on_event=None if sink is None else _ProgressTracker(run_id, sink),
             sub_window_tokens=connection.context_windows.get(settings.sub_model),
+            tools=self._tools,
         )
         record = Trajectory(where)
         try:
@@ -609,3 +678,193 @@ class RLM:
 
 def _dir(value: str | os.PathLike[str] | None) -> Path | None:
     return None if value is None else Path(value)
+
+
+class Session:
+    """Questions over one context, one at a time, with the REPL and the history kept between
+    them. Made by ``RLM.session`` / ``RLM.asession``; use it as a context manager (``with`` or
+    ``async with``), or call ``close()``.
+
+    Budgets: the session is one run at the handler, so ``max_cost_usd``, ``max_calls`` and the
+    token limits given to ``session(...)`` bound all its questions together; ``max_iterations``,
+    ``wall_time_s`` and the other loop settings count per question (``ask(q, max_iterations=3)``
+    for one question only). Each ``Result`` counts what its question spent (``run_usage``
+    included); ``usage`` here is the session's total once closed.
+
+    Trajectory: one file for the session (``run_start``, an ``ask`` event before each question's
+    events, ``run_end`` at close); every ``Result.trajectory`` points to it.
+    """
+
+    def __init__(
+        self,
+        rlm: RLM,
+        context: ContextArg,
+        path: str | os.PathLike[str] | None,
+        settings: RunSettings,
+        run_id: str,
+        trajectory: str | os.PathLike[str] | None,
+    ) -> None:
+        self._rlm = rlm
+        self._shared = rlm._shared
+        self._context = context
+        self._path = path
+        self.settings = settings
+        self.run_id = run_id
+        self.trajectory = rlm._trajectory_path(run_id, trajectory)
+        self._conversation: Conversation | None = None
+        self._record: Trajectory | None = None
+        self._tracker = _ProgressTracker(run_id, None)
+        self._open_lock: asyncio.Lock | None = None  # made on the private loop
+        self.closed = False
+
+    @property
+    def usage(self) -> RunUsage | None:
+        """The session's totals, once it is closed."""
+        return None if self._conversation is None else self._conversation.usage
+
+    # ------------------------------------------------------------ opening and closing
+
+    async def _open(self) -> Conversation:
+        """The conversation, opened once (on the private loop)."""
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self.closed:
+                raise RuntimeError("this session is closed")
+            if self._conversation is not None:
+                return self._conversation
+            value = await asyncio.to_thread(_context_value, self._context, self._path)
+            self._context = None  # loaded once: the session's worker holds it now
+            connection = await self._shared.connection()
+            loop = _Loop(
+                connection.models,
+                connection.sandbox,
+                self.settings,
+                on_event=self._tracker,
+                sub_window_tokens=connection.context_windows.get(self.settings.sub_model),
+                tools=self._rlm._tools,
+            )
+            record = Trajectory(self.trajectory)
+            try:
+                conversation = await loop.conversation(value, run_id=self.run_id, trajectory=record)
+            except BaseException:
+                record.close()
+                self.closed = True
+                raise
+            self._record, self._conversation = record, conversation
+            self._shared.sessions.add(self)
+            return conversation
+
+    def open(self) -> Self:
+        """Load the context in a sandbox session now (``with`` does it); raises what stops it."""
+        self._shared.submit(self._open()).result()
+        return self
+
+    async def aopen(self) -> Self:
+        await asyncio.wrap_future(self._shared.submit(self._open()))
+        return self
+
+    async def finish(self) -> None:
+        """Close the conversation and the trajectory (on the private loop). Idempotent."""
+        self.closed = True
+        conversation = self._conversation
+        try:
+            if conversation is not None:
+                await conversation.close()
+        finally:
+            self._shared.sessions.discard(self)
+            if self._record is not None:
+                self._record.close()
+
+    def close(self) -> None:
+        """Close the sandbox session and the run at the handler. Idempotent; after the RLM's own
+        close (which closes its sessions) it does nothing."""
+        if self._shared.closed:
+            self.closed = True
+            return
+        self._shared.submit(self.finish()).result()
+
+    async def aclose(self) -> None:
+        if self._shared.closed:
+            self.closed = True
+            return
+        await asyncio.wrap_future(self._shared.submit(self.finish()))
+
+    def __enter__(self) -> Self:
+        return self.open()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.aopen()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------ questions
+
+    def ask(self, query: str, *, on_progress: ProgressCallback | None = None, **limits: Any) -> Result:
+        """Answer ``query`` with what the earlier questions left in the REPL and the history;
+        blocks until done. ``limits``: loop settings for this question only (``max_iterations``,
+        ``wall_time_s``, ...; not the session's budget). ``on_progress`` as for ``completion``."""
+        settings = self._ask_settings(limits)
+        steps: queue.SimpleQueue[Progress | None] = queue.SimpleQueue()
+        sink = None if on_progress is None else steps.put
+        future = self._shared.submit(self._ask(query, settings, sink))
+        future.add_done_callback(lambda _: steps.put(None))
+        try:
+            if on_progress is not None:
+                while (step := steps.get()) is not None:
+                    on_progress(step)
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    async def aask(self, query: str, *, on_progress: ProgressCallback | None = None, **limits: Any) -> Result:
+        """``ask`` for asyncio code: ``on_progress`` is called on the caller's event loop."""
+        settings = self._ask_settings(limits)
+        sink: Callable[[Progress], None] | None = None
+        if on_progress is not None:
+            loop = asyncio.get_running_loop()
+            callback = on_progress
+
+            def sink(step: Progress) -> None:
+                loop.call_soon_threadsafe(callback, step)
+
+        return await asyncio.wrap_future(self._shared.submit(self._ask(query, settings, sink)))
+
+    def _ask_settings(self, limits: Mapping[str, Any]) -> RunSettings:
+        if not isinstance(limits, Mapping) or not limits:
+            return self.settings
+        _check_options(limits, what="limit")
+        fixed = sorted(set(limits) & SESSION_SETTINGS)
+        if fixed:
+            raise TypeError(
+                f"{fixed[0]!r} is the session's, set when it opens (rlm.session(..., {fixed[0]}=...)), "
+                "not per question"
+            )
+        return dataclasses.replace(self.settings, **limits).validated()
+
+    async def _ask(
+        self, query: str, settings: RunSettings, sink: Callable[[Progress], None] | None
+    ) -> Result:
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, not {type(query).__name__}")
+        task = asyncio.current_task()
+        assert task is not None
+        self._shared.runs.add(task)
+        try:
+            conversation = await self._open()
+            self._tracker.sink = sink
+            self._tracker.sub_calls = self._tracker.model_calls = 0
+            result = await conversation.ask(query, settings)
+            return Result.of(result, self.trajectory)
+        finally:
+            self._tracker.sink = None
+            self._shared.runs.discard(task)

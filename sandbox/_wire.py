@@ -71,6 +71,8 @@ class Assign:
     rlm_error: ErrorInfo | None  # None: rlm_query is available; else what it raises
     handler: str | None = None  # a per-session handler address (else the worker's default)
     max_sub_calls: int | None = None  # per exec (else the worker's default)
+    tools: tuple[str, ...] = ()  # host-side tools: functions of the namespace, answered by the client
+    modules: tuple[str, ...] = ()  # imported into the namespace (a failure fails the load)
 
     OP: ClassVar[str] = "assign"
 
@@ -86,6 +88,8 @@ class Assign:
                 "rlm_error": self.rlm_error.to_wire() if self.rlm_error is not None else None,
                 "handler": self.handler,
                 "max_sub_calls": self.max_sub_calls,
+                "tools": list(self.tools) or None,
+                "modules": list(self.modules) or None,
             }
         )
 
@@ -105,7 +109,18 @@ class Assign:
             rlm_error=_opt_error(d, "rlm_error"),
             handler=opt_string(d, "handler", None),
             max_sub_calls=_opt_positive(d, "max_sub_calls"),
+            tools=_names(d, "tools"),
+            modules=_names(d, "modules"),
         )
+
+
+def _names(d: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = d.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise DecodeError(f"{key} must be a list of non-empty strings")
+    return tuple(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,17 +143,21 @@ class Exec:
 
 @dataclass(frozen=True, slots=True)
 class RlmAnswer:
-    """The answer to a worker's ``rlm_query``: the child run's text, or its error as it came."""
+    """The answer to a worker's ``rlm_query``: the child run's text, or its error as it came.
+    For a tool call, ``value`` is the tool's result."""
 
     id: str
     ok: bool
     text: str = ""
     error: ErrorInfo | None = None  # set when not ok
+    value: Any = None
 
     OP: ClassVar[str] = "rlm_result"
 
     def to_wire(self) -> Wire:
         wire: Wire = {"op": self.OP, "id": self.id, "ok": self.ok, "text": self.text}
+        if self.ok and self.value is not None:
+            wire["value"] = self.value
         if not self.ok:
             error = self.error or ErrorInfo(ErrorCode.RLM_FAILED, "the child run failed")
             wire["error"] = error.to_wire()
@@ -153,6 +172,7 @@ class RlmAnswer:
             ok,
             opt_string(d, "text", None) or "",
             None if ok else _error(d, "error"),
+            d.get("value") if ok else None,
         )
 
 
@@ -229,15 +249,27 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class WorkerRlmQuery:
+    """An ``rlm_query`` of the code, or with ``tool`` set a host-side tool call (no blob)."""
+
     id: str
     prompt: str
     context_format: str | None = None  # with one blob when set
+    tool: str | None = None
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
 
     OP: ClassVar[str] = "rlm_query"
 
     def to_wire(self) -> Wire:
         return {"op": self.OP} | drop_none(
-            {"id": self.id, "prompt": self.prompt, "context_format": self.context_format}
+            {
+                "id": self.id,
+                "prompt": self.prompt,
+                "context_format": self.context_format,
+                "tool": self.tool,
+                "args": self.args,
+                "kwargs": self.kwargs,
+            }
         )
 
     @classmethod
@@ -246,7 +278,14 @@ class WorkerRlmQuery:
         if fmt is not None and fmt not in CONTEXT_FORMATS:
             raise DecodeError(f"unknown context format {fmt!r}")
         _fields(d, nblobs, 1 if fmt is not None else 0, cls.OP)
-        return cls(string(d, "id", None), string(d, "prompt", None), fmt)
+        tool = opt_string(d, "tool", None)
+        args = d.get("args")
+        kwargs = d.get("kwargs")
+        if args is not None and not isinstance(args, list):
+            raise DecodeError("args must be a list")
+        if kwargs is not None and not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
+            raise DecodeError("kwargs must be a map with string keys")
+        return cls(string(d, "id", None), string(d, "prompt", None), fmt, tool, args, kwargs)
 
 
 @dataclass(frozen=True, slots=True)

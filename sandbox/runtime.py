@@ -15,6 +15,11 @@ Pure Python with no sockets: the worker gives ``Repl`` an object that makes sub-
     SHOW_VARS()                                  the session's variables, with types and sizes
     LLMQueryError, RLMQueryError                 what failed sub-calls raise; their ``code`` and
                                                  ``retryable`` are the error's, as it travelled
+    <tool>(*args, **kwargs)                      each host-side tool of the session: a call that
+                                                 runs in the orchestrator (``ToolCalls``);
+                                                 arguments and results are msgpack values
+    ToolError                                    what a tool that raised or timed out raises
+    the public names of each ``sandbox_modules`` module (``load_modules``)
 
 Sub-calls are checked before anything is sent: a prompt estimated over the sub-model's context
 window (``windows``) raises ``LLMQueryError`` (code ``too_large``), a batch with any such prompt
@@ -40,6 +45,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol
 
+import msgpack
+
 from rlmq.protocol.errors import ErrorCode, ErrorInfo
 from rlmq.protocol.sandbox import ExecError, ExecResult
 
@@ -50,7 +57,10 @@ __all__ = [
     "RLMQueryError",
     "Repl",
     "SubCalls",
+    "ToolCalls",
+    "ToolError",
     "WindowOf",
+    "load_modules",
     "truncate_note",
 ]
 
@@ -85,9 +95,61 @@ class RLMQueryError(_SubCallError):
     default_code = ErrorCode.RLM_FAILED
 
 
+class ToolError(_SubCallError):
+    """A host-side tool raised, timed out, or returned what cannot be sent back (raised inside the
+    model's code; ``code`` says which, the message names the tool and the original error)."""
+
+    default_code = ErrorCode.INTERNAL
+
+
 # Tracebacks print "LLMQueryError: ..." as for a builtin: the model sees these names in its
 # namespace, never the module they come from.
 _SubCallError.__module__ = LLMQueryError.__module__ = RLMQueryError.__module__ = "builtins"
+ToolError.__module__ = "builtins"
+
+
+class ToolCalls(Protocol):
+    """What a host-side tool's function in the namespace calls: the tool in the orchestrator.
+    Raises ``ToolError`` when the tool fails."""
+
+    def tool_call(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any: ...
+
+
+def msgpack_problem(value: Any) -> str | None:
+    """Why ``value`` cannot travel as msgpack (None: it can)."""
+    try:
+        msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return str(exc)
+    return None
+
+
+def load_modules(names: Sequence[str]) -> dict[str, Any]:
+    """The namespace entries of ``sandbox_modules``: each module's public names (its ``__all__``,
+    else every name not starting with ``_`` that it defines rather than imports), and the module
+    itself under its last name. Raises ``ImportError`` naming the module that cannot be imported."""
+    import importlib
+
+    entries: dict[str, Any] = {}
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except BaseException as exc:  # a module's top level may raise anything
+            problem = f"{type(exc).__name__}: {exc}"
+            raise ImportError(f"sandbox_modules: cannot import {name!r}: {problem}") from None
+        public = getattr(module, "__all__", None)
+        if public is None:
+            public = [
+                k
+                for k, v in vars(module).items()
+                if not k.startswith("_")
+                and not isinstance(v, types.ModuleType)
+                and getattr(v, "__module__", module.__name__) == module.__name__
+            ]
+        entries[name.rpartition(".")[2]] = module
+        for key in public:
+            entries[key] = getattr(module, key)
+    return entries
 
 
 class SubCalls(Protocol):
@@ -245,12 +307,17 @@ class Repl:
         memory_mb: int | None = None,
         windows: WindowOf | None = None,
         max_sub_calls: int = DEFAULT_MAX_SUB_CALLS,
+        tools: Sequence[str] = (),
+        tool_calls: ToolCalls | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """``rlm_error``: when set, rlm_query is unavailable and raises this error.
         ``on_fork_check``: called before every sub-call (the worker refuses them in forked
         children, whose sockets are copies of the parent's).
         ``windows``: the context window of the model a sub-call names (None: unchecked here,
-        the handler still refuses). ``max_sub_calls``: sub-calls one exec may make."""
+        the handler still refuses). ``max_sub_calls``: sub-calls one exec may make.
+        ``tools``: names of host-side tools, answered by ``tool_calls``; ``extra``: more names for
+        the namespace (``load_modules``), which may not replace the REPL's own."""
         self.calls = calls
         self.max_output_chars = max_output_chars
         self.rlm_error = rlm_error
@@ -276,7 +343,19 @@ class Repl:
             "answer": {"content": "", "ready": False},
             "LLMQueryError": LLMQueryError,
             "RLMQueryError": RLMQueryError,
+            "ToolError": ToolError,
         }
+        own = set(self.namespace)
+        for name in tools:
+            if name in own:
+                raise ValueError(f"a host-side tool may not be called {name!r}: the REPL has that name")
+            if tool_calls is None:
+                raise ValueError("host-side tools need tool_calls to answer them")
+            self.namespace[name] = self._tool(name, tool_calls)
+        for key, value in (extra or {}).items():
+            if key in own or key in tools:
+                raise ValueError(f"sandbox_modules: {key!r} would replace a name the REPL already has")
+            self.namespace[key] = value
         self._helpers = frozenset(k for k in self.namespace if k not in ("context", "answer"))
 
     # ------------------------------------------------------------ the model's functions
@@ -356,6 +435,21 @@ class Repl:
             raise TypeError(f"rlm_query prompt must be a str, not {type(prompt).__name__}")
         self._count(1, "rlm_query")
         return self.calls.rlm_query(prompt, context)
+
+    def _tool(self, name: str, calls: ToolCalls) -> Callable[..., Any]:
+        def tool(*args: Any, **kwargs: Any) -> Any:
+            self._check()
+            problem = msgpack_problem([list(args), kwargs])
+            if problem is not None:
+                raise TypeError(
+                    f"{name}(): its arguments must be msgpack values (None, bool, int, float, str, "
+                    f"bytes, and lists and dicts of them): {problem}"
+                )
+            return calls.tool_call(name, list(args), kwargs)
+
+        tool.__name__ = tool.__qualname__ = name
+        tool.__doc__ = f"The host-side tool {name!r}: it runs outside the sandbox."
+        return tool
 
     def _final_fn(self, value: Any) -> None:
         """Record ``value`` (as ``str(value)``) as the final answer."""

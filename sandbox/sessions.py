@@ -91,6 +91,8 @@ class Session:
     reloads: int = 0
     rlm_pending: dict[str, tuple[Worker, str]] = field(default_factory=dict)
     stamp: Stamp | None = None  # what the relay writes on its sub-calls; one per session
+    tools: tuple[str, ...] = ()  # host-side tools, called through the client like rlm_query
+    modules: tuple[str, ...] = ()  # sandbox_modules, imported by the worker at load
 
 
 def _known(code: str) -> ErrorCode:
@@ -291,9 +293,12 @@ class SessionManager:
             future.set_result(message.result)
 
     def rlm_query(self, worker: Worker, message: WorkerRlmQuery, blobs: list[Any]) -> None:
-        """Forward a worker's rlm_query to the client whose exec is running."""
+        """Forward a worker's rlm_query (or tool call) to the client whose exec is running."""
         session = self._owner.get(worker)
         if session is None or session.worker is not worker or session.closed:
+            return
+        if message.tool is not None:
+            self._tool_call(worker, session, message)
             return
         refusal = session.rlm_error
         if refusal is None and len(session.rlm_pending) >= MAX_RLM_PENDING:
@@ -316,6 +321,25 @@ class SessionManager:
         query = RlmQuery(qid, session.id, message.prompt, message.context_format)
         self._send_client(session.route, query.to_wire(), blobs)
 
+    def _tool_call(self, worker: Worker, session: Session, message: WorkerRlmQuery) -> None:
+        """A host-side tool call goes the way of an rlm_query, minus the sub-call stamp: it spends
+        nothing of the run's model budget."""
+        refusal: ErrorInfo | None = None
+        if message.tool not in session.tools:
+            refusal = ErrorInfo(ErrorCode.BAD_REQUEST, f"this session has no host-side tool {message.tool!r}")
+        elif len(session.rlm_pending) >= MAX_RLM_PENDING:
+            refusal = ErrorInfo(
+                ErrorCode.OVERLOADED, f"more than {MAX_RLM_PENDING} tool calls outstanding", True
+            )
+        if refusal is not None:
+            self._send_worker(worker, RlmAnswer(message.id, False, error=refusal).to_wire(), ())
+            return
+        qid = f"{session.id}.{message.id}"
+        session.rlm_pending[qid] = (worker, message.id)
+        self.stats.inc("tool_calls")
+        query = RlmQuery(qid, session.id, "", None, message.tool, message.args or [], message.kwargs or {})
+        self._send_client(session.route, query.to_wire(), ())
+
     def rlm_result(self, req: RlmResult) -> None:
         """The client's answer to a forwarded rlm_query, passed on to the worker as it came."""
         session = self.table.get(req.session)
@@ -327,7 +351,7 @@ class SessionManager:
         if not worker.alive:
             return
         if req.ok:
-            answer = RlmAnswer(worker_qid, True, text=req.text or "")
+            answer = RlmAnswer(worker_qid, True, text=req.text or "", value=req.value)
         else:
             error = req.error or ErrorInfo(ErrorCode.RLM_FAILED, "the child run failed")
             answer = RlmAnswer(worker_qid, False, error=error)
@@ -371,6 +395,8 @@ class SessionManager:
                 context_blob=blob,
                 route=route,
                 last_used=self.clock(),
+                tools=req.tools,
+                modules=req.sandbox_modules,
             )
             session.stamp = Stamp(
                 run=session.run,
@@ -456,6 +482,8 @@ class SessionManager:
             rlm_error=session.rlm_error,
             handler=session.handler,
             max_sub_calls=self.config.max_sub_calls_per_exec,
+            tools=session.tools,
+            modules=session.modules,
         )
         self._send_worker(worker, assign.to_wire(), [session.context_blob])
         limit = self.config.open_timeout_s

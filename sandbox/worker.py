@@ -59,7 +59,7 @@ from ._wire import (
     WorkerRlmQuery,
     decode_from_pool,
 )
-from .runtime import DEFAULT_MAX_SUB_CALLS, LLMQueryError, Repl, RLMQueryError
+from .runtime import DEFAULT_MAX_SUB_CALLS, LLMQueryError, Repl, RLMQueryError, ToolError, load_modules
 from .spec import WorkerSpec
 
 __all__ = ["main"]
@@ -203,14 +203,8 @@ class PoolLink:
                 self._pump(timeout_ms)
             return self._inbox.popleft() if self._inbox else None
 
-    def rlm_query(self, prompt: str, context: Any, timeout_s: float) -> str:
-        qid = f"q{next(self._ids)}"
-        fmt: str | None = None
-        blobs: list[Any] = []
-        if context is not None:
-            fmt, payload = encode_context(context)
-            blobs = [payload]
-        self.send(WorkerRlmQuery(qid, prompt, fmt).to_wire(), blobs)
+    def _wait(self, qid: str, timeout_s: float) -> RlmAnswer | None:
+        """The answer to request ``qid``, or None past ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
@@ -219,10 +213,35 @@ class PoolLink:
                     self._pump(50)
                     answer = self._answers.pop(qid, None)
             if answer is not None:
-                break
+                return answer
             if time.monotonic() > deadline:
-                info = ErrorInfo(ErrorCode.TIMEOUT, f"no answer to rlm_query within {timeout_s:g} s", True)
-                raise RLMQueryError(info.message, info=info)
+                return None
+
+    def tool_call(self, name: str, args: list[Any], kwargs: dict[str, Any], timeout_s: float) -> Any:
+        """Call the host-side tool ``name`` through the pool (the way of rlm_query)."""
+        qid = f"t{next(self._ids)}"
+        self.send(WorkerRlmQuery(qid, "", None, name, args, kwargs).to_wire())
+        answer = self._wait(qid, timeout_s)
+        if answer is None:
+            info = ErrorInfo(ErrorCode.TIMEOUT, f"{name}(): no answer within {timeout_s:g} s", True)
+            raise ToolError(info.message, info=info)
+        if not answer.ok:
+            error = answer.error or ErrorInfo(ErrorCode.INTERNAL, "the tool failed")
+            raise ToolError(f"{name}() failed ({error.code}): {error.message}", info=error)
+        return answer.value
+
+    def rlm_query(self, prompt: str, context: Any, timeout_s: float) -> str:
+        qid = f"q{next(self._ids)}"
+        fmt: str | None = None
+        blobs: list[Any] = []
+        if context is not None:
+            fmt, payload = encode_context(context)
+            blobs = [payload]
+        self.send(WorkerRlmQuery(qid, prompt, fmt).to_wire(), blobs)
+        answer = self._wait(qid, timeout_s)
+        if answer is None:
+            info = ErrorInfo(ErrorCode.TIMEOUT, f"no answer to rlm_query within {timeout_s:g} s", True)
+            raise RLMQueryError(info.message, info=info)
         if not answer.ok:
             error = answer.error or ErrorInfo(ErrorCode.RLM_FAILED, "the child run failed")
             raise RLMQueryError(f"rlm_query failed: ({error.code}) {error.message}", info=error)
@@ -307,6 +326,9 @@ class SubCalls:
     def rlm_query(self, prompt: str, context: Any) -> str:
         return self.link.rlm_query(prompt, context, self.exec_timeout_s)
 
+    def tool_call(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        return self.link.tool_call(name, args, kwargs, self.exec_timeout_s)
+
 
 # ---------------------------------------------------------------- child: serve
 
@@ -371,17 +393,28 @@ class _Worker:
         # Sub-calls carry no run or depth from here: the relay writes the session's on each.
         # A session with a handler of its own learns that handler's windows on first use.
         windows = self.windows if msg.handler is None else None
-        self.calls = SubCalls(self.client, self.link, msg.sub_model, windows)
-        self.repl = Repl(
-            context,
-            self.calls,
-            max_output_chars=msg.max_output_chars,
-            rlm_error=msg.rlm_error,
-            on_fork_check=_refuse_in_fork,
-            memory_mb=self.spec.memory_mb,
-            windows=self.calls.context_window,
-            max_sub_calls=msg.max_sub_calls or DEFAULT_MAX_SUB_CALLS,
-        )
+        calls = SubCalls(self.client, self.link, msg.sub_model, windows)
+        try:
+            extra = load_modules(msg.modules)
+        except ImportError as exc:
+            return Loaded(False, error=ErrorInfo(ErrorCode.BAD_REQUEST, str(exc)))
+        try:
+            repl = Repl(
+                context,
+                calls,
+                max_output_chars=msg.max_output_chars,
+                rlm_error=msg.rlm_error,
+                on_fork_check=_refuse_in_fork,
+                memory_mb=self.spec.memory_mb,
+                windows=calls.context_window,
+                max_sub_calls=msg.max_sub_calls or DEFAULT_MAX_SUB_CALLS,
+                tools=msg.tools,
+                tool_calls=calls,
+                extra=extra,
+            )
+        except ValueError as exc:  # a tool or module name that would replace one of the REPL's
+            return Loaded(False, error=ErrorInfo(ErrorCode.BAD_REQUEST, str(exc)))
+        self.calls, self.repl = calls, repl
         kind, length, chars = context_shape(context)
         return Loaded(True, SessionInfo(os.getpid(), kind, length, chars, round(load_ms, 3)))
 

@@ -23,6 +23,11 @@ EXPECTED = {
         "answer: 2 of 4 reviews are positive",
         "streamed answer: 2 of 4 reviews are positive",
     ],
+    "tools_and_sessions.py": [
+        "answer 1: A-100 is in transit; A-102 is held at customs",
+        "answer 2: 25.00 EUR on average, over 2 late orders",
+        "the session made 4 model calls over 4 iterations",
+    ],
 }
 
 

@@ -223,10 +223,16 @@ def test_bad_arguments(rlm: RLM, config: Path) -> None:
         RLM.from_config(config, max_iteration=3)
     with pytest.raises(ConfigError, match="does not exist"):
         RLM.from_config(config.parent / "missing.toml")
-    with pytest.raises(NotImplementedError, match="phase 2"):
-        RLM.from_config(config, tools={"search": print})
-    with pytest.raises(NotImplementedError, match="phase 2"):
-        rlm.session("context")
+    with pytest.raises(ValueError, match="REPL has that name"):
+        RLM.from_config(config, tools={"llm_query": print})
+    with pytest.raises(ValueError, match="Python identifier"):
+        RLM.from_config(config, tools={"not a name": print})
+    with pytest.raises(TypeError, match="not callable"):
+        RLM.from_config(config, tools={"search": 42})
+    with pytest.raises(TypeError, match="session's, set when it opens"):
+        rlm.session("context").ask("q", max_cost_usd=1.0)
+    with pytest.raises(SettingsError, match="not a module name"):
+        rlm.session("context", sandbox_modules=["no such module"])
 
 
 def test_with_options_shares_the_services(rlm: RLM) -> None:

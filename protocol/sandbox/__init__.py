@@ -10,7 +10,7 @@ The client lives in ``protocol``, not in ``sandbox``, because the orchestrator m
 readers are ``rlmq.protocol.fields``, shared with the handler protocol.
 """
 
-from .client import AsyncSandboxClient, RlmCallback, SandboxError, Session
+from .client import AsyncSandboxClient, RlmCallback, SandboxError, Session, ToolCallback
 from .context import CONTEXT_FORMATS, ContextFormat, context_shape, decode_context, encode_context
 from .messages import (
     EXEC_ERROR_CODES,
@@ -64,6 +64,7 @@ __all__ = [
     "SandboxStatsReply",
     "Session",
     "SessionInfo",
+    "ToolCallback",
     "context_shape",
     "decode_context",
     "decode_sandbox_request",

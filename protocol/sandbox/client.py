@@ -43,7 +43,7 @@ from .messages import (
     split_delimited,
 )
 
-__all__ = ["AsyncSandboxClient", "RlmCallback", "SandboxError", "Session"]
+__all__ = ["AsyncSandboxClient", "RlmCallback", "SandboxError", "Session", "ToolCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class SandboxError(RemoteError):
 
 
 RlmCallback = Callable[[str, Any], Awaitable[str]]
+# Answers a host-side tool call of a session's code: (name, args, kwargs) -> a msgpack-able value.
+ToolCallback = Callable[[str, list[Any], dict[str, Any]], Awaitable[Any]]
 # The pool answers an exec at its own deadline; the client waits this much longer before it
 # gives up on the pool itself.
 EXEC_WAIT_MARGIN_S = 15.0
@@ -79,12 +81,14 @@ class Session:
         info: SessionInfo,
         exec_timeout_s: float,
         on_rlm_query: RlmCallback | None,
+        on_tool_call: ToolCallback | None = None,
     ) -> None:
         self._client = client
         self.id = session_id
         self.info = info
         self.exec_timeout_s = exec_timeout_s
         self.on_rlm_query = on_rlm_query
+        self.on_tool_call = on_tool_call
         self.closed = False
 
     def __repr__(self) -> str:
@@ -218,6 +222,11 @@ class AsyncSandboxClient(AsyncDealer):
 
     async def _answer(self, query: RlmQuery, blobs: list[Any]) -> None:
         session = self._sessions.get(query.session)
+        if query.tool is not None:
+            result = await self._call_tool(session, query)
+            if not self._closed:
+                await self._send(result.to_wire(), [])
+            return
         callback = session.on_rlm_query if session is not None else None
         if callback is None:
             result = RlmResult(
@@ -245,6 +254,24 @@ class AsyncSandboxClient(AsyncDealer):
         if not self._closed:
             await self._send(result.to_wire(), [])
 
+    async def _call_tool(self, session: Session | None, query: RlmQuery) -> RlmResult:
+        """A host-side tool call of the session's code, answered by its ``on_tool_call``."""
+        assert query.tool is not None
+        callback = session.on_tool_call if session is not None else None
+        if callback is None:
+            error = ErrorInfo(ErrorCode.BAD_REQUEST, f"this session has no host-side tool {query.tool!r}")
+            return RlmResult(query.id, query.session, False, error=error)
+        try:
+            value = await callback(query.tool, list(query.args or ()), dict(query.kwargs or {}))
+            return RlmResult(query.id, query.session, True, text="", value=value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the tool's failure becomes an exception in the code
+            error = ErrorInfo.of(exc)
+            if not isinstance(exc, RlmqError):  # a bug of the callback, not a typed failure
+                error = ErrorInfo(ErrorCode.INTERNAL, error.message)
+            return RlmResult(query.id, query.session, False, error=error)
+
     # ------------------------------------------------------------ operations
 
     async def open(
@@ -261,10 +288,18 @@ class AsyncSandboxClient(AsyncDealer):
         max_output_chars: int | None = None,
         on_rlm_query: RlmCallback | None = None,
         run_key: str | None = None,
+        tools: Sequence[str] = (),
+        on_tool_call: ToolCallback | None = None,
+        sandbox_modules: Sequence[str] = (),
     ) -> Session:
         """Open a session on a fresh worker with ``context`` (inline) or ``context_path`` (a file
         the pool reads; ``.json`` is parsed, anything else is UTF-8 text). ``run_key``: the key
-        the run was opened with at the handler, for the pool to show on the session's sub-calls."""
+        the run was opened with at the handler, for the pool to show on the session's sub-calls.
+        ``tools``: names of host-side tools, functions of the namespace whose calls come back to
+        ``on_tool_call``; ``sandbox_modules``: modules the worker imports into the namespace (one
+        it cannot import fails the open)."""
+        if tools and on_tool_call is None:
+            raise ValueError("tools need an on_tool_call to answer them")
         if context is not None and context_path is not None:
             raise ValueError("give context or context_path, not both")
         blobs: list[Any] = []
@@ -285,6 +320,8 @@ class AsyncSandboxClient(AsyncDealer):
             context_path=context_path,
             rlm_query=on_rlm_query is not None,
             run_key=run_key,
+            tools=tuple(tools),
+            sandbox_modules=tuple(sandbox_modules),
         )
         started = time.monotonic()
         obj, _ = await self._request(req.to_wire(), blobs, self.timeout_s)
@@ -293,7 +330,8 @@ class AsyncSandboxClient(AsyncDealer):
             reply = OpenReply.from_wire(obj)
         except ProtocolError as exc:
             raise SandboxError(ErrorCode.BAD_REQUEST, f"malformed open reply: {exc.message}") from None
-        session = Session(self, reply.session, reply.info, reply.exec_timeout_s, on_rlm_query)
+        answers_tools = on_tool_call if tools else None
+        session = Session(self, reply.session, reply.info, reply.exec_timeout_s, on_rlm_query, answers_tools)
         self._sessions[session.id] = session
         log.debug("session %s open in %.1f ms", session.id, (time.monotonic() - started) * 1000)
         return session

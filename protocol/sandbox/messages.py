@@ -198,6 +198,10 @@ class OpenRequest:
     # The key the run was opened with at the handler: the pool stamps it on the session's
     # sub-calls; the worker never sees it.
     run_key: str | None = None
+    # Host-side tools the client answers (their names become functions of the namespace), and
+    # modules the worker imports into the namespace at open: both additive, empty by default.
+    tools: tuple[str, ...] = ()
+    sandbox_modules: tuple[str, ...] = ()
 
     OP: ClassVar[str] = "open"
 
@@ -215,6 +219,8 @@ class OpenRequest:
                 "context_path": self.context_path,
                 "rlm_query": self.rlm_query,
                 "run_key": self.run_key,
+                "tools": list(self.tools) or None,
+                "sandbox_modules": list(self.sandbox_modules) or None,
             }
         )
 
@@ -248,7 +254,19 @@ class OpenRequest:
             context_path=path,
             rlm_query=bool(optional(d, "rlm_query", (bool,), "a boolean", rid)),
             run_key=opt_string(d, "run_key", rid),
+            tools=_names(d, "tools", rid),
+            sandbox_modules=_names(d, "sandbox_modules", rid),
         )
+
+
+def _names(d: Mapping[str, Any], key: str, rid: str) -> tuple[str, ...]:
+    """An optional list of non-empty strings (tool names, module names)."""
+    value = optional(d, key, (list,), "a list of strings", rid)
+    if value is None:
+        return ()
+    if not all(isinstance(v, str) and v for v in value):
+        raise DecodeError(f"field {key!r} must be a list of non-empty strings", request_id=rid)
+    return tuple(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,13 +340,16 @@ class SandboxStats:
 
 @dataclass(frozen=True, slots=True)
 class RlmResult:
-    """The answer to an ``rlm_query``: ``id`` is the query's id. Not replied to."""
+    """The answer to an ``rlm_query``: ``id`` is the query's id. Not replied to. The answer to a
+    tool call (an ``rlm_query`` with ``tool``) carries the tool's result in ``value`` (any
+    msgpack value) and an empty ``text``."""
 
     id: str
     session: str
     ok: bool
     text: str | None = None
     error: ErrorInfo | None = None
+    value: Any = None
 
     OP: ClassVar[str] = "rlm_result"
 
@@ -336,6 +357,8 @@ class RlmResult:
         wire = _base(self.OP, self.id) | {"session": self.session, "ok": self.ok}
         if self.ok:
             wire["text"] = self.text or ""
+            if self.value is not None:
+                wire["value"] = self.value
         else:
             error = self.error or ErrorInfo(ErrorCode.RLM_FAILED, "the child run failed")
             wire["error"] = error.to_wire()
@@ -347,7 +370,7 @@ class RlmResult:
         session = string(d, "session", rid)
         ok = required(d, "ok", (bool,), "a boolean", rid)
         if ok:
-            return cls(rid, session, True, text=string(d, "text", rid))
+            return cls(rid, session, True, text=string(d, "text", rid), value=d.get("value"))
         try:
             error = ErrorInfo.from_wire(required(d, "error", (dict,), "a map", rid))
         except DecodeError as exc:
@@ -512,18 +535,31 @@ class SandboxStatsReply:
 @dataclass(frozen=True, slots=True)
 class RlmQuery:
     """Pool -> client, unsolicited: the code of ``session`` called ``rlm_query``. The context, if
-    any, follows as one blob in ``context_format``. Answer with ``RlmResult`` of the same id."""
+    any, follows as one blob in ``context_format``. Answer with ``RlmResult`` of the same id.
+
+    With ``tool`` set it is a call of a host-side tool instead: ``tool(*args, **kwargs)``, the
+    prompt empty and no blob; the answer's ``value`` is the tool's result."""
 
     id: str
     session: str
     prompt: str
     context_format: str | None = None
+    tool: str | None = None
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
 
     OP: ClassVar[str] = "rlm_query"
 
     def to_wire(self) -> Wire:
         return _base(self.OP, self.id) | drop_none(
-            {"session": self.session, "prompt": self.prompt, "context_format": self.context_format}
+            {
+                "session": self.session,
+                "prompt": self.prompt,
+                "context_format": self.context_format,
+                "tool": self.tool,
+                "args": self.args,
+                "kwargs": self.kwargs,
+            }
         )
 
     @classmethod
@@ -533,4 +569,9 @@ class RlmQuery:
         if fmt is not None and fmt not in CONTEXT_FORMATS:
             raise DecodeError(f"unknown context_format {fmt!r}", request_id=rid)
         _blobs(rid, cls.OP, nblobs, 1 if fmt is not None else 0)
-        return cls(rid, string(d, "session", rid), string(d, "prompt", rid), fmt)
+        tool = opt_string(d, "tool", rid)
+        args = optional(d, "args", (list,), "a list", rid)
+        kwargs = optional(d, "kwargs", (dict,), "a map", rid)
+        if kwargs is not None and not all(isinstance(k, str) for k in kwargs):
+            raise DecodeError("field 'kwargs' must be a map with string keys", request_id=rid)
+        return cls(rid, string(d, "session", rid), string(d, "prompt", rid), fmt, tool, args, kwargs)
