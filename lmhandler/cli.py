@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds in-flight calls may finish after SIGTERM (default: 10)",
     )
+    parser.add_argument(
+        "--no-anonymous",
+        action="store_true",
+        help="serve only calls that name a run opened on this handler (the same as [handler] "
+        "allow_anonymous = false; the default refuses them only when CURVE keys are set)",
+    )
 
 
 async def _serve(handler: Handler) -> None:
@@ -70,6 +76,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.grace_s is not None:
         config = dataclasses.replace(config, shutdown_grace_s=args.grace_s)
+    if args.no_anonymous:
+        config = dataclasses.replace(config, allow_anonymous=False)
     try:
         handler = Handler(config, curve=curve)
         asyncio.run(_serve(handler))

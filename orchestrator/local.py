@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,9 @@ class LocalServices:
     directory: Path
 
 
-async def _start(name: str, args: list[str], ready_prefix: str, directory: Path) -> _Child:
+async def _start(
+    name: str, args: list[str], ready_prefix: str, directory: Path, env: dict[str, str] | None = None
+) -> _Child:
     log_path = directory / f"{name}.log"
     with log_path.open("wb") as err:
         process = await asyncio.create_subprocess_exec(
@@ -54,6 +56,7 @@ async def _start(name: str, args: list[str], ready_prefix: str, directory: Path)
             stdout=asyncio.subprocess.PIPE,
             stderr=err,
             start_new_session=True,  # our Ctrl-C goes to us; we stop the children in order
+            env=env,
         )
     child = _Child(name, process, log_path)
     assert process.stdout is not None
@@ -87,6 +90,17 @@ async def _stop(child: _Child, timeout_s: float = 15.0) -> None:
         await child.process.wait()
 
 
+# What a private pool keeps of this process's environment: enough to run Python and find rlmq,
+# and its own RLMQ_ settings (CURVE keys); never the model providers' keys, which only the handler reads.
+_POOL_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "XDG_CACHE_HOME")
+
+
+def _pool_env(environ: Mapping[str, str]) -> dict[str, str]:
+    kept = {k: v for k, v in environ.items() if k in _POOL_ENV or k.startswith("RLMQ_")}
+    kept["PYTHONUNBUFFERED"] = "1"
+    return kept
+
+
 @contextlib.asynccontextmanager
 async def local_services(
     config: str | os.PathLike[str],
@@ -104,7 +118,16 @@ async def local_services(
     try:
         handler = await _start(
             "handler",
-            ["handler", "--config", str(config), "--bind", handler_bind or f"ipc://{base}/handler.sock"],
+            # Private services serve only the runs this process opens (with keys): a call with no
+            # run, from code that found the socket, is refused (docs/security.md).
+            [
+                "handler",
+                "--config",
+                str(config),
+                "--bind",
+                handler_bind or f"ipc://{base}/handler.sock",
+                "--no-anonymous",
+            ],
             "lmhandler ready on ",
             base,
         )
@@ -119,7 +142,8 @@ async def local_services(
         sandbox_args += ["--config", str(config)]  # the pool reads its optional [sandbox] table
         if workers is not None:
             sandbox_args += ["--workers", str(workers)]
-        sandbox = await _start("sandbox", sandbox_args, "sandbox ready on ", base)
+        # The pool needs no API key: it gets the environment without the handler's secrets.
+        sandbox = await _start("sandbox", sandbox_args, "sandbox ready on ", base, env=_pool_env(os.environ))
         children.append(sandbox)
         yield LocalServices(handler.address, sandbox.address, base)
     finally:

@@ -82,7 +82,7 @@ def peek_id(payload: bytes | memoryview) -> str | None:
                 value = unpacker.unpack()
                 return value if isinstance(value, str) else None
             unpacker.skip()
-    except Exception:
+    except Exception:  # garbage input: msgpack raises several unrelated types; no id is the answer
         return None
     return None
 

@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--handler", default=None, help="address of the LM handler, e.g. tcp://127.0.0.1:5555"
+        "--handler",
+        default=None,
+        help="address of the LM handler (required), e.g. tcp://127.0.0.1:5555 or "
+        "ipc:///run/rlmq/handler.sock; workers' sub-calls reach it only through the pool's stamping relay",
     )
     parser.add_argument(
         "--bind",
@@ -33,7 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=None, help="TOML file whose optional [sandbox] table sets PoolConfig fields"
     )
-    parser.add_argument("--isolation", choices=("process", "bwrap"), default=None, help="default: process")
+    parser.add_argument(
+        "--isolation",
+        choices=("process", "bwrap"),
+        default=None,
+        help="process (default): each worker a process of its own, run as a uid of its own with its own "
+        "network namespace when the pool runs as root; bwrap: each worker also inside bubblewrap "
+        "(a private view of the filesystem). [sandbox] network = true gives workers the network "
+        "back. docs/security.md says what each level stops",
+    )
 
 
 async def _serve(pool: Pool) -> None:

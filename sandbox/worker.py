@@ -93,8 +93,9 @@ def _preimport(modules: Sequence[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except Exception as exc:  # an optional convenience: a missing module is not fatal
-            log.debug("preimport %s failed: %s", name, exc)
+        except Exception as exc:  # an optional convenience: a missing module is not fatal...
+            # ...but after the uid drop it cannot be imported lazily either: say which one.
+            log.warning("preimport %s failed (model code importing it will fail): %s", name, exc)
 
 
 def _connect(sock: zmq.Socket[Any], address: str, timeout_s: float) -> bool:

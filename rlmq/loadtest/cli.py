@@ -67,7 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a reply not back within this many seconds counts as client_timeout (default: %(default)s)",
     )
     run = parser.add_mutually_exclusive_group()
-    run.add_argument("--run", default=None, help="account every request to this run id (not opened)")
+    run.add_argument(
+        "--run",
+        default=None,
+        help="account every request to this run id, which must already be open on the handler "
+        "(a handler refuses runs it does not hold with unknown_run); default: a run the load test opens",
+    )
     run.add_argument("--no-run", action="store_true", help="send requests without a run (no budget checks)")
     parser.add_argument(
         "--latency-ms",

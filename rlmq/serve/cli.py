@@ -33,6 +33,13 @@ access_log = logging.getLogger("rlmq.serve.access")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Endpoints: POST /v1/chat/completions (stream: true for server-sent events with progress) and "
+        "GET /v1/models. The request's model names a profile ([serve.profiles.NAME], default rlm); the "
+        "last user message is the question, earlier messages or an extra 'context' field the context. "
+        "Bearer keys: [serve] api_keys / api_keys_env (none: open, allowed only on loopback); bodies over "
+        "[serve] max_body_bytes get 413. docs/serve.md has it all."
+    )
     parser.add_argument(
         "--config", default="rlmq.toml", help="TOML with [models.*], [run] and [serve] (default: %(default)s)"
     )
