@@ -150,6 +150,33 @@ def test_the_wheel_installs_only_the_name_rlmq(wheel: Path) -> None:
     assert "rlmq/orchestrator/data/demo_script.json" in names
 
 
+def test_a_wheel_built_from_the_sdist_is_the_same_wheel(wheel: Path, tmp_path: Path) -> None:
+    """pip install from an sdist (PyPI's fallback) builds from the sdist alone: it must carry every
+    module under its installed name, and nothing else at the top."""
+    had_build = (ROOT / "build").exists()
+    build_sdist = f"from setuptools import build_meta; print(build_meta.build_sdist({str(tmp_path)!r}))"
+    subprocess.run(
+        [sys.executable, "-c", build_sdist], cwd=ROOT, check=True, capture_output=True, timeout=120
+    )
+    (sdist,) = tmp_path.glob("rlmq-*.tar.gz")
+    out = tmp_path / "from-sdist"
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run(
+        [*pip_wheel, "-w", str(out), str(sdist)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    if not had_build:
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
+    (rebuilt,) = out.glob("rlmq-*.whl")
+
+    def modules(path: Path) -> set[str]:
+        return {n for n in zipfile.ZipFile(path).namelist() if ".dist-info/" not in n}
+
+    assert modules(rebuilt) == modules(wheel)
+
+
 @pytest.mark.slow
 def test_the_installed_wheel_runs_the_demo_away_from_the_checkout(wheel: Path, tmp_path: Path) -> None:
     """Installed alone (no checkout on sys.path), the package imports by its one name and works."""
