@@ -15,7 +15,7 @@ from rlmq.protocol.errors import ConfigError
 from rlmq.protocol.tables import check_table, field_kinds, read_toml
 
 from .runtime import DEFAULT_MAX_SUB_CALLS
-from .spec import DEFAULT_PREIMPORT
+from .spec import DEFAULT_MAX_BATCH, DEFAULT_PREIMPORT
 
 __all__ = ["DEFAULT_BIND", "ISOLATIONS", "ConfigError", "PoolConfig", "build_config", "load_table"]
 
@@ -35,6 +35,9 @@ class PoolConfig:
     exec_timeout_s: float = 120.0  # default per exec; a session may ask for another at open
     max_output_chars: int = 20_000  # per stream (stdout, stderr) per exec
     max_sub_calls_per_exec: int = DEFAULT_MAX_SUB_CALLS  # llm_query prompts + rlm_query calls per exec
+    # llm_query calls of a session in flight at once: llm_query_batched sends waves of this many,
+    # and the relay refuses (`overloaded`) any call past it
+    max_batch: int = DEFAULT_MAX_BATCH
     memory_mb: int = 4096  # RLIMIT_AS of the code-running process
     cpu_s: int = 600  # RLIMIT_CPU over the worker's life
     fsize_mb: int = 256  # RLIMIT_FSIZE: the largest file the code may write
@@ -62,6 +65,7 @@ class PoolConfig:
             (self.exec_timeout_s > 0, "exec_timeout_s must be positive"),
             (self.max_output_chars >= 100, "max_output_chars must be >= 100"),
             (self.max_sub_calls_per_exec >= 1, "max_sub_calls_per_exec must be >= 1"),
+            (self.max_batch >= 1, "max_batch must be >= 1"),
             (self.memory_mb >= 256, "memory_mb must be >= 256 (the interpreter and ZeroMQ need room)"),
             (self.cpu_s >= 1, "cpu_s must be >= 1"),
             (self.fsize_mb >= 1, "fsize_mb must be >= 1"),

@@ -13,20 +13,27 @@ Whatever the model's code puts in a request, the relay decides what goes on:
 - ``complete``: ``run``, ``depth`` and ``key`` are overwritten with the session's (the run's key is
   the pool's, given by the orchestrator at open; the worker never holds it), and the call is
   counted against the session's per-exec cap (``max_sub_calls_per_exec``, which the worker's
-  namespace also checks); past it the relay answers ``budget_exceeded`` and sends nothing.
+  namespace also checks); past it the relay answers ``budget_exceeded`` and sends nothing. At most
+  ``max_batch`` of a session's calls are in flight at once (``llm_query_batched`` sends waves of
+  that many); one more is answered ``overloaded`` at once (retryable: the calls in flight end) and
+  never sent.
 - ``ping``: passed on unchanged (workers read the models' context windows from it).
+- a request whose id is one of the worker's requests still in flight: ``bad_request`` (replies
+  are matched to requests by id, so a reused id would let calls leave the in-flight count early).
 - anything else (``run_open``, ``usage``, ...): refused with ``unauthorized``.
 - a routing id the pool did not give out: dropped.
 
-Replies need no state here: the handler echoes the envelope (the worker's routing id) and the
-relay sends each reply back to that worker as it came. The thread shares nothing with the event
-loop but ``Stamp`` objects, whose counters take a lock.
+The handler echoes the envelope (the worker's routing id), so the relay sends each reply back to
+that worker as it came, and strikes the reply's id off that worker's requests in flight. The thread
+shares nothing with the event loop but ``Stamp`` objects, whose counters take a lock, and the
+table of workers (single dict operations).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +50,15 @@ log = logging.getLogger(__name__)
 # Messages taken from one socket before the others get a turn.
 _BATCH = 256
 
+# A request still unanswered after this long is taken as lost (its handler died before replying)
+# and stops counting against max_batch. Well past the handler's own deadline for a call (120 s by
+# default) and the worker's wait for it (300 s), so a slow call is never taken for a lost one.
+LOST_AFTER_S = 600.0
+
+# Pings in flight per worker (a worker sends one at start and one per handler it meets): bounds
+# what a flood of pings to an unanswering handler makes the relay remember.
+_MAX_PINGS = 8
+
 
 @dataclass(eq=False)
 class Stamp:
@@ -53,6 +69,7 @@ class Stamp:
     key: str | None  # the run's key, if the orchestrator gave one
     upstream: str  # the handler this session's sub-calls go to
     max_calls: int  # sub-calls per exec (llm_query prompts and rlm_query calls)
+    max_batch: int  # llm_query calls in flight at once
     calls: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -67,6 +84,25 @@ class Stamp:
     def begin_exec(self) -> None:
         with self._lock:
             self.calls = 0
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A worker the pool started: its session's stamp (None before it has one) and its requests
+    in flight. ``pending`` and ``calls`` are the relay thread's alone."""
+
+    stamp: Stamp | None = None
+    pending: dict[str, tuple[float, bool]] = field(default_factory=dict)  # id -> (lost at, a call?)
+    calls: int = 0  # the completes among ``pending``
+
+    def done(self, rid: str | None) -> None:
+        entry = self.pending.pop(rid, None) if rid is not None else None
+        if entry is not None and entry[1]:
+            self.calls -= 1
+
+    def expire(self, now: float) -> None:
+        for rid in [rid for rid, (lost_at, _) in self.pending.items() if lost_at <= now]:
+            self.done(rid)
 
 
 class SubCallRelay:
@@ -85,9 +121,9 @@ class SubCallRelay:
         self.default_upstream = default_upstream
         self.curve = curve  # CURVE client keys for upstreams that require them; never a worker's
         self.max_message_bytes = max_message_bytes
-        # routing id -> the session's stamp, or None for a worker without a session yet. Written
-        # by the event loop, read by the relay thread (single dict operations).
-        self._workers: dict[bytes, Stamp | None] = {}
+        # routing id -> the worker's slot. Written by the event loop, read by the relay thread
+        # (single dict operations).
+        self._workers: dict[bytes, _Slot] = {}
         self.relayed = 0
         self.refused = 0
         self.dropped = 0
@@ -101,15 +137,17 @@ class SubCallRelay:
 
     def admit(self, ident: bytes) -> None:
         """A worker the pool starts will connect with ``ident``."""
-        self._workers[ident] = None
+        self._workers[ident] = _Slot()
 
     def assign(self, ident: bytes, stamp: Stamp) -> None:
         """The worker with ``ident`` now serves a session: stamp its sub-calls with ``stamp``."""
-        if ident in self._workers:
-            self._workers[ident] = stamp
+        slot = self._workers.get(ident)
+        if slot is not None:
+            slot.stamp = stamp
 
     def forget(self, ident: bytes) -> None:
-        """The worker is gone: anything still arriving under its id is dropped."""
+        """The worker is gone: anything still arriving under its id is dropped, and its calls in
+        flight no longer count (a session's next worker starts with none)."""
         self._workers.pop(ident, None)
 
     def start(self, timeout_s: float = 5.0) -> str:
@@ -185,6 +223,9 @@ class SubCallRelay:
 
     def _from_handler(self, frames: list[zmq.Frame]) -> None:
         # [worker routing id, reply]: the handler echoed the envelope the relay sent.
+        slot = self._workers.get(frames[0].bytes)
+        if slot is not None and slot.pending:
+            slot.done(peek_id(frames[-1].buffer))
         self._front.send_multipart(frames, copy=False)
 
     def _upstream(self, address: str) -> zmq.Socket[Any]:
@@ -199,10 +240,11 @@ class SubCallRelay:
 
     def _from_worker(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
-        if ident not in self._workers or len(frames) != 2:
+        slot = self._workers.get(ident)
+        if slot is None or len(frames) != 2:
             self.dropped += 1  # not a worker the pool started, or not one of its messages
             return
-        stamp = self._workers.get(ident)
+        stamp = slot.stamp
         payload = frames[1]
         try:
             obj = unpack(payload.buffer, max_bytes=self.max_message_bytes)
@@ -215,7 +257,16 @@ class SubCallRelay:
             return
         op = obj.get("op")
         upstream = stamp.upstream if stamp is not None else self.default_upstream
+        if rid in slot.pending:
+            self._refuse(
+                ident, rid, ErrorCode.BAD_REQUEST, f"request id {rid!r} is already in flight; ids must differ"
+            )
+            return
         if op == "ping":
+            if len(slot.pending) - slot.calls >= _MAX_PINGS:
+                self._refuse(ident, rid, ErrorCode.OVERLOADED, "too many pings in flight", retryable=True)
+                return
+            slot.pending[rid] = (time.monotonic() + LOST_AFTER_S, False)
             self._upstream(upstream).send_multipart([ident, payload], copy=False)
             return
         if op != "complete":
@@ -225,6 +276,19 @@ class SubCallRelay:
             return
         if stamp is None:
             self._refuse(ident, rid, ErrorCode.BAD_REQUEST, "this worker has no session")
+            return
+        if slot.calls >= stamp.max_batch:
+            slot.expire(time.monotonic())  # only when full: the sweep is O(in flight)
+        if slot.calls >= stamp.max_batch:
+            self._refuse(
+                ident,
+                rid,
+                ErrorCode.OVERLOADED,
+                f"this session already has {stamp.max_batch:,} sub-calls in flight, the most it may "
+                "have at once (max_batch); the call was not sent. Wait for answers before sending "
+                "more (llm_query_batched does)",
+                retryable=True,
+            )
             return
         if not stamp.take():
             self._refuse(
@@ -242,11 +306,15 @@ class SubCallRelay:
         else:
             obj["key"] = stamp.key
         self.relayed += 1
+        slot.pending[rid] = (time.monotonic() + LOST_AFTER_S, True)
+        slot.calls += 1
         self._upstream(upstream).send_multipart([ident, pack(obj)], copy=False)
 
-    def _refuse(self, ident: bytes, rid: str | None, code: ErrorCode, message: str) -> None:
+    def _refuse(
+        self, ident: bytes, rid: str | None, code: ErrorCode, message: str, *, retryable: bool = False
+    ) -> None:
         self.refused += 1
         if rid is None:
             return
-        reply = ErrorReply(rid, code, message, False)
+        reply = ErrorReply(rid, code, message, retryable)
         self._front.send_multipart([ident, pack(reply.to_wire())], copy=False)

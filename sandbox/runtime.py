@@ -6,6 +6,8 @@ Pure Python with no sockets: the worker gives ``Repl`` an object that makes sub-
     context                      the session's context (str, list or dict)
     llm_query(prompt, model=None) -> str
     llm_query_batched(prompts, model=None) -> list[str]
+                                                 concurrently, in waves of at most the pool's
+                                                 max_batch in flight (the worker's SubCalls)
     rlm_query(prompt, context=None) -> str       (a child run, when depth allows)
     FINAL(value), FINAL_VAR(name)                record the answer; the code runs on to its end.
                                                  FINAL_VAR takes a variable's name (a str) or,
@@ -397,7 +399,8 @@ class Repl:
         return self.calls.complete(prompt, model)
 
     def _llm_query_batched(self, prompts: Sequence[Any], model: str | None = None) -> list[str]:
-        """Ask many prompts concurrently; answers come back in the prompts' order."""
+        """Ask many prompts concurrently (at most ``max_batch`` in flight at once); answers come
+        back in the prompts' order."""
         self._check()
         if isinstance(prompts, str):
             raise TypeError("llm_query_batched takes a list of prompts; for one prompt use llm_query")

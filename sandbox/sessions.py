@@ -2,7 +2,7 @@
 
 A session is one worker at a time. Opening takes a warm worker, tells the sub-call relay what to
 stamp on its sub-calls (the session's run, depth + 1, the run's key, its handler, the per-exec
-cap) and sends the worker the context; an exec waits for the worker's result or its exec
+cap and max_batch) and sends the worker the context; an exec waits for the worker's result or its exec
 deadline; a worker that dies or falls silent is replaced by a fresh one with the context
 reloaded (the client is told its variables are lost). Sessions idle past ``idle_timeout_s`` are
 closed. ``rlm_query`` requests from a worker go to the client
@@ -404,6 +404,7 @@ class SessionManager:
                 key=session.run_key,
                 upstream=handler or self.config.handler,
                 max_calls=self.config.max_sub_calls_per_exec,
+                max_batch=self.config.max_batch,
             )
             info: SessionInfo | None = None
             last: PoolFailure | None = None

@@ -10,7 +10,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_PREIMPORT", "WorkerSpec"]
+__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_PREIMPORT", "WorkerSpec"]
+
+DEFAULT_MAX_BATCH = 256  # llm_query calls of a session in flight at once
 
 # Modules the model's code commonly uses, imported while the interpreter is still readable.
 DEFAULT_PREIMPORT = [
@@ -105,6 +107,7 @@ class WorkerSpec:
     preimport: tuple[str, ...] = ()
     connect_timeout_s: float = 5.0
     netns: str = ""  # how to get a network namespace of its own (procs.NETNS_MODES)
+    max_batch: int = DEFAULT_MAX_BATCH  # llm_query_batched sends waves of at most this many
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))

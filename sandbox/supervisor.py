@@ -330,6 +330,7 @@ class Supervisor:
             preimport=self.config.preimport,
             connect_timeout_s=min(5.0, self.config.open_timeout_s),
             netns=self.netns,
+            max_batch=self.config.max_batch,
         )
 
     def _worker_command(self, worker: Worker) -> list[str]:

@@ -34,7 +34,15 @@ from typing import Any, NoReturn
 
 import zmq
 
-from rlmq.protocol import ErrorReply, HandlerClient, RemoteError, RlmqError, TransportTimeout, pack
+from rlmq.protocol import (
+    CompleteReply,
+    ErrorReply,
+    HandlerClient,
+    RemoteError,
+    RlmqError,
+    TransportTimeout,
+    pack,
+)
 from rlmq.protocol.client import configure_socket
 from rlmq.protocol.errors import ErrorCode, ErrorInfo
 from rlmq.protocol.sandbox import (
@@ -60,7 +68,7 @@ from ._wire import (
     decode_from_pool,
 )
 from .runtime import DEFAULT_MAX_SUB_CALLS, LLMQueryError, Repl, RLMQueryError, ToolError, load_modules
-from .spec import WorkerSpec
+from .spec import DEFAULT_MAX_BATCH, WorkerSpec
 
 __all__ = ["main"]
 
@@ -254,13 +262,21 @@ class SubCalls:
     through the pool to the orchestrator."""
 
     def __init__(
-        self, client: HandlerClient, link: PoolLink, sub_model: str, windows: Mapping[str, int] | None = None
+        self,
+        client: HandlerClient,
+        link: PoolLink,
+        sub_model: str,
+        windows: Mapping[str, int] | None = None,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         """``windows``: the handler's context windows by alias, if already known (the start-up
-        ping); else asked once, on the first sub-call."""
+        ping); else asked once, on the first sub-call. ``max_batch``: calls in flight at once (the
+        relay refuses more), so a larger batch goes in waves of that many."""
         self.client = client
         self.link = link
         self.sub_model = sub_model
+        self.max_batch = max_batch
         self.exec_timeout_s = 3600.0  # updated per exec; bounds rlm_query's wait
         self._windows = None if windows is None else dict(windows)
 
@@ -304,21 +320,30 @@ class SubCalls:
         for i, prompt in enumerate(prompts):
             self._check_prompt(prompt, f"llm_query_batched: prompts[{i}]")
         alias = model or self.sub_model
-        try:
-            replies = self.client.complete_many(prompts, model=alias)
-        except TransportTimeout as exc:
-            info = ErrorInfo.of(exc)
-            raise LLMQueryError(
-                f"llm_query_batched failed ({info.code}): {info.message}", info=info
-            ) from None
+        replies: list[CompleteReply | ErrorReply] = []
+        # Waves of at most max_batch in flight; a wave with a failure ends the batch (its answers
+        # would be thrown away with the error), so the later waves are not spent.
+        for start in range(0, len(prompts), self.max_batch):
+            try:
+                wave = self.client.complete_many(prompts[start : start + self.max_batch], model=alias)
+            except TransportTimeout as exc:
+                info = ErrorInfo.of(exc)
+                raise LLMQueryError(
+                    f"llm_query_batched failed ({info.code}): {info.message}", info=info
+                ) from None
+            replies.extend(wave)
+            if any(isinstance(r, ErrorReply) for r in wave):
+                break
         failed = [i for i, r in enumerate(replies) if isinstance(r, ErrorReply)]
         if failed:
             first = replies[failed[0]]
             assert isinstance(first, ErrorReply)
             shown = ", ".join(map(str, failed[:20])) + (", ..." if len(failed) > 20 else "")
+            unsent = len(prompts) - len(replies)
+            rest = f"; the last {unsent:,} prompts were not sent" if unsent else ""
             info = ErrorInfo(first.code, first.message, first.retryable, first.retry_after_s)
             raise LLMQueryError(
-                f"llm_query_batched: {len(failed)} of {len(replies)} prompts failed (indexes {shown}); "
+                f"llm_query_batched: {len(failed)} of {len(prompts)} prompts failed (indexes {shown}){rest}; "
                 f"first error, at index {failed[0]}: ({first.code}) {first.message}",
                 info=info,
             )
@@ -394,7 +419,7 @@ class _Worker:
         # Sub-calls carry no run or depth from here: the relay writes the session's on each.
         # A session with a handler of its own learns that handler's windows on first use.
         windows = self.windows if msg.handler is None else None
-        calls = SubCalls(self.client, self.link, msg.sub_model, windows)
+        calls = SubCalls(self.client, self.link, msg.sub_model, windows, max_batch=self.spec.max_batch)
         try:
             extra = load_modules(msg.modules)
         except ImportError as exc:

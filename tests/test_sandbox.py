@@ -353,6 +353,9 @@ def test_config_from_table_and_flags() -> None:
         build_config({"memory_mb": "lots"}, source="x.toml")
     with pytest.raises(ConfigError, match="handler address"):
         Pool(PoolConfig())
+    assert PoolConfig().max_batch == 256  # over the 100 of bench/bench_sandbox.py: one wave there
+    with pytest.raises(ConfigError, match=r"x\.toml: \[sandbox\] max_batch must be >= 1"):
+        build_config({"max_batch": 0}, source="x.toml")
 
 
 # ---------------------------------------------------------------- real pools
@@ -509,6 +512,66 @@ async def test_100_batched_sub_calls_are_in_flight_at_once(
     in_order = ok(await session.exec("answers == [f'p{i}' for i in range(100)]"))
     assert in_order.stdout == "True\n"
     await session.close()
+
+
+class Waves(Backend):
+    """Holds calls until a whole wave is in (``size`` of them, or all that are left of ``total``),
+    then answers that wave; ``peak`` is the most calls it ever held at once."""
+
+    def __init__(self, size: int, total: int) -> None:
+        self.size, self.left = size, total
+        self.in_flight = self.peak = self.waves = 0
+        self._held = 0
+        self._gate = asyncio.Event()
+
+    async def complete(self, request: BackendRequest) -> Completion:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        gate = self._gate
+        self._held += 1
+        if self._held >= min(self.size, self.left):
+            self.left -= self._held
+            self._held = 0
+            self.waves += 1
+            self._gate = asyncio.Event()
+            gate.set()
+        try:
+            # Bounded so that a caller that never completes a wave fails the test instead of hanging it.
+            await asyncio.wait_for(gate.wait(), 20)
+        finally:
+            self.in_flight -= 1
+        return Completion(request.messages[-1].content, "waves", Usage(1, 1), "end_turn")
+
+
+async def test_a_batch_past_max_batch_goes_in_waves(actx: zmq.asyncio.Context) -> None:
+    # 20 prompts, at most 8 in flight: waves of 8, 8 and 4, each sent once the one before is
+    # answered. The relay refuses a 9th call in flight, so a batch sent at once would fail.
+    waves = Waves(size=8, total=20)
+    models = {"sub": echo_model(), "waves": echo_model()}
+    async with running_handler(models, backends={"waves": waves}) as handler:
+        handler.runs.open_run("r-waves", RunLimits())
+        handler.runs.open_run("r-waves-budget", RunLimits(max_calls=10))
+        async with (
+            running_pool(handler.address or "", workers=1, max_batch=8) as pool,
+            AsyncSandboxClient(pool.address or "", context=actx) as client,
+        ):
+            session = await client.open(run="r-waves", sub_model="waves")
+            code = "prompts = [f'p{i}' for i in range(20)]\nllm_query_batched(prompts) == prompts"
+            result = ok(await session.exec(code))
+            assert (result.stdout, result.llm_calls) == ("True\n", 20)
+            assert (waves.waves, waves.peak) == (3, 8)
+            assert pool.snapshot()["sub_calls"]["refused"] == 0
+            await session.close()
+            # A wave with a failure ends the batch: its answers would be lost with the error anyway.
+            capped = await client.open(run="r-waves-budget")
+            failed = await capped.exec("llm_query_batched([f'p{i}' for i in range(20)])")
+            assert failed.error is not None
+            assert (
+                "6 of 20 prompts failed (indexes 10, 11, 12, 13, 14, 15); the last 4 prompts were not sent"
+                in failed.error.message
+            )
+            assert handler.runs.get("r-waves-budget").calls == 10
+            await capped.close()
 
 
 async def test_a_failed_batch_prompt_is_named(client: AsyncSandboxClient, handler: Handler) -> None:

@@ -31,7 +31,7 @@ from conftest import requires
 from rlmq.lmhandler.backends import Backend, BackendRequest, Completion
 from rlmq.lmhandler.config import parse_config
 from rlmq.lmhandler.server import Handler
-from rlmq.lmhandler.testing import echo_model, ipc_address, running_handler
+from rlmq.lmhandler.testing import HeldModel, echo_model, ipc_address, running_handler
 from rlmq.orchestrator.budget import GuardedModels, GuardedSandbox
 from rlmq.orchestrator.interfaces import SandboxSession
 from rlmq.orchestrator.loop import RLM
@@ -186,6 +186,86 @@ async def test_the_per_exec_cap_holds_outside_the_worker(handler: Handler, actx:
         again = await session.exec("print(llm_query('the count is per block'))")
         assert (again.error, again.stdout) == (None, "the count is per block\n")
         await session.close()
+
+
+FAN_OUT = """
+import gc, json, zmq, msgpack
+relay = [o for o in gc.get_objects() if isinstance(o, zmq.Socket) and not o.closed
+         and len(o.getsockopt(zmq.ROUTING_ID)) == 32][0]
+for i in [*range(20), 0]:  # 20 calls at once, then an id already in flight
+    relay.send(msgpack.packb({"v": 1, "op": "complete", "id": str(i), "model": "sub", "prompt": "x"}))
+replies = [msgpack.unpackb(relay.recv()) for _ in range(21)]
+codes = ["ok" if r["ok"] else f"{r['error']['code']} {r['error']['retryable']}" for r in replies]
+print(json.dumps(sorted(codes)))
+"""
+
+
+@CONFINED
+async def test_fan_out_past_max_batch_is_refused_outside_the_worker(actx: zmq.asyncio.Context) -> None:
+    """The code skips llm_query_batched (and its waves) and sends 20 calls on the relay's socket."""
+    held = HeldModel()
+    async with running_handler({"sub": echo_model()}, backends={"sub": held}) as handler:
+        handler.runs.open_run("fan", RunLimits())
+        async with (
+            running_pool(handler.address or "", workers=1, max_batch=8) as pool,
+            AsyncSandboxClient(pool.address or "", context=actx) as client,
+        ):
+            session = await client.open(run="fan")
+            flood = asyncio.create_task(session.exec(FAN_OUT))
+            await held.entered(8)
+            # The relay handles the worker's messages in order and no call is answered while the
+            # model holds them, so once the relay has refused the other 13, nothing more reaches the
+            # model. The relay has no event to wait on for that: poll its counter, bounded.
+            async with asyncio.timeout(20):
+                while pool.snapshot()["sub_calls"]["refused"] < 13:
+                    await asyncio.sleep(0.01)
+            assert (held.held, held.peak) == (8, 8)
+            held.release()
+            codes = output(await flood)
+            assert codes == ["bad_request False"] + ["ok"] * 8 + ["overloaded True"] * 12
+            assert handler.runs.get("fan").calls == held.calls == 8
+            # The calls in flight were answered: the session may send a full wave again.
+            again = output(await session.exec("print(json.dumps(len(llm_query_batched(['y'] * 20))))"))
+            assert again == 20
+            assert pool.snapshot()["sub_calls"]["refused"] == 13
+            await session.close()
+
+
+@CONFINED
+async def test_rlm_query_limits_hold_outside_the_worker(handler: Handler, actx: zmq.asyncio.Context) -> None:
+    """The code calls the worker's pool link itself (found with gc), skipping the namespace's
+    count and its depth check: the pool keeps both."""
+    bypass = (
+        "import gc, json\n"
+        "link = next(o for o in gc.get_objects() if type(o).__name__ == 'PoolLink')\n"
+        "out = []\n"
+        "for i in range(5):\n"
+        "    try:\n"
+        "        out.append(link.rlm_query(f'q{i}', None, 10))\n"
+        "    except RLMQueryError as e:\n"
+        "        out.append(e.code)\n"
+        "print(json.dumps(out))\n"
+    )
+    children: list[str] = []
+
+    async def child_run(prompt: str, context: Any) -> str:
+        children.append(prompt)
+        return f"child {prompt}"
+
+    async with (
+        running_pool(handler.address or "", workers=1, max_sub_calls_per_exec=2) as pool,
+        AsyncSandboxClient(pool.address or "", context=actx) as client,
+    ):
+        session = await client.open(run=OWN, run_key=OWN_KEY, max_depth=3, on_rlm_query=child_run)
+        assert output(await session.exec(bypass)) == ["child q0", "child q1"] + ["budget_exceeded"] * 3
+        assert children == ["q0", "q1"]
+        assert output(await session.exec(bypass))[:2] == ["child q0", "child q1"]  # per exec
+        await session.close()
+        # At max depth rlm_query is off: the pool refuses it, whatever the worker's namespace says.
+        deepest = await client.open(run=OWN, run_key=OWN_KEY, depth=1, max_depth=2, on_rlm_query=child_run)
+        assert output(await deepest.exec(bypass)) == ["bad_request"] * 5
+        assert len(children) == 4
+        await deepest.close()
 
 
 def recording_router(address: str, seen: list[dict[str, Any]], stop: threading.Event) -> None:
