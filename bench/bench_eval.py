@@ -25,6 +25,7 @@ from _common import machine, table, write_results
 
 from rlmq.eval import TASKS, EvalPlan, Results, generate, run_eval
 from rlmq.eval.harness import _record
+from rlmq.orchestrator import StopReason
 from rlmq.orchestrator.local import local_services
 from rlmq.orchestrator.loop import new_run_id
 from rlmq.orchestrator.runner import run_query
@@ -97,8 +98,18 @@ def bookkeeping(n: int = 200) -> float:
         results = Results(tmp)
         started = time.perf_counter()
         for i in range(n):
-            record = _record(task, "rlm", answer=answer, stop_reason="final", detail="", iterations=2,
-                             usage=None, elapsed_s=0.1, trajectory=Path(tmp), run_id=str(i))  # fmt: skip
+            record = _record(
+                task,
+                "rlm",
+                answer=answer,
+                stop_reason=StopReason.FINAL,
+                detail="",
+                iterations=2,
+                usage=None,
+                elapsed_s=0.1,
+                trajectory=Path(tmp),
+                run_id=str(i),
+            )
             results.append(record)
         results.done()
         return 1000 * (time.perf_counter() - started) / n

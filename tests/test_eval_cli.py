@@ -1,9 +1,10 @@
 """``rlmq eval`` end to end: real handler, pool and worker processes, scripted root models.
 
 A root model that reads (its code parses the records and decides each class the way a reader
-would, knowing the wording) gets every task right; the echo model gets every task wrong, by both
-methods. The reader programs are first checked in-process over every question shape and several
-lengths, which is fast, then driven through the real services at 8K tokens.
+would, knowing the wording) gets every task right; so does a direct call to a model that answers
+from the whole context; the echo model gets every task wrong, by both methods. The reader programs
+are first checked in-process over every question shape and several lengths, which is fast, then
+driven through the real services at 8K tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from rlmq.eval import TASKS, EvalPlan, Results, generate, score
+from rlmq.eval import TASKS, AnswerKind, EvalPlan, Results, Task, generate, score
 from rlmq.eval.cli import parse_tokens
 from rlmq.eval.harness import Progress
 
@@ -33,19 +34,30 @@ RLMQ = [sys.executable, "-m", "rlmq"]
 
 SNIAH_READER = r"""
 import re
-m = re.search(r"current (.+?) of the (.+?)\? ", query)
-what, key = m.group(1), m.group(2)
+if m := re.search(r"The ([A-Z]\w+ \w+) has several current (.+?)s\. ", query):
+    shape, keys, what = "all", [m.group(1)], m.group(2)
+elif m := re.search(r"What are the current (.+?)s of (.+?)\? ", query):
+    shape, keys, what = "each", re.findall(r"the ([A-Z]\w+ \w+)", m.group(2)), m.group(1)
+else:
+    m = re.search(r"current (.+?) of the (.+?)\? ", query)
+    shape, keys, what = "one", [m.group(2)], m.group(1)
 doubt = ("former", "guessed", "never", "old ", "no longer", "rejected", "retired", "wrong", "proposed")
-forms = [r"^Note that (.+) is the " + what, what + r": (.+)\.$", r" is (.+)\.$", r"the " + what + r" (.+)\.$"]
-values = set()
+forms = [r"^Note that (.+) is the " + what, r"^(.+) is one of the " + what, r" added (.+) to the " + what,
+         r"the " + what + r" (.+) as well\.$", what + r": (.+)\.$", r" is (.+)\.$",
+         r"the " + what + r" (.+)\.$"]
+values = {key: set() for key in keys}
 for line in context.splitlines():
-    if key in line and what in line and not any(w in line for w in doubt):
-        for form in forms:
-            found = re.search(form, line)
-            if found:
-                values.add(found.group(1))
-                break
-answer = " / ".join(sorted(values))
+    for key in keys:
+        if key in line and what in line and not any(w in line for w in doubt):
+            for form in forms:
+                found = re.search(form, line)
+                if found:
+                    values[key].add(found.group(1))
+                    break
+if shape == "all":
+    answer = ", ".join(sorted(values[keys[0]]))
+else:  # one value a key; several found would show as "a / b", and score 0
+    answer = ", ".join(" / ".join(sorted(values[key])) for key in keys)
 """
 
 CLASSIFY = r"""
@@ -133,10 +145,24 @@ answer = "\n".join(f"({a}, {b})" for a, b in pairs)
 READERS = {"sniah": SNIAH_READER, "oolong": OOLONG_READER, "oolong-pairs": PAIRS_READER}
 
 
-def reader_script(name: str, query: str) -> list[str]:
-    """A root model's responses: one block that reads the context, then the answer."""
-    code = f"query = {query!r}\n{READERS[name]}\nprint(answer[:500])"
+def reader_script(name: str, tasks: list[Task]) -> list[str]:
+    """A root model's responses: one block that reads the context, then the answer.
+
+    A model reads its question in its prompt; the script backend does not see the prompt, so the
+    script carries the question of each task it is used for, found by the context's first line.
+    """
+    queries = {task.context.split("\n", 1)[0]: task.query for task in tasks}
+    assert len(queries) == len(tasks)
+    code = f"query = {queries!r}[context.split(chr(10), 1)[0]]\n{READERS[name]}\nprint(answer[:500])"
     return [f"I will parse the records and compute the answer.\n```repl\n{code}\n```", "FINAL_VAR(answer)"]
+
+
+def gold_text(task: Task) -> str:
+    """The gold answer written as the question asks for it."""
+    gold = task.gold_json()
+    if task.kind is AnswerKind.PAIRS:
+        return "\n".join(f"({a}, {b})" for a, b in gold)
+    return ", ".join(gold) if isinstance(gold, list) else str(gold)
 
 
 @pytest.mark.parametrize("length", [8_000, 64_000])
@@ -148,26 +174,37 @@ def test_the_reader_programs_solve_every_question_shape(name: str, index: int, l
     namespace: dict[str, Any] = {"context": task.context, "query": task.query}
     exec(READERS[name], namespace)
     assert score(task.kind, namespace["answer"], task.gold) == 1.0
+    assert score(task.kind, gold_text(task), task.gold) == 1.0
 
 
 # ---------------------------------------------------------------- through the real processes
 
 SEED = 11
 LENGTH = 8_000
+# Tasks per eval: sniah's first three are its three questions (single, multi-value, multi-query).
+N = {"sniah": 3, "oolong": 1, "oolong-pairs": 1}
+WINDOW = 8_000  # the context window of the alias echo_window: an 8K task does not fit with its answer
+
+
+def alias(prefix: str, name: str) -> str:
+    return f"{prefix}_{name.replace('-', '_')}"
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
-    """``rlmq up`` with an echo root model and one scripted reader alias per task."""
+    """``rlmq up`` with an echo root model, one with a small window, and two scripted aliases a
+    task: a reader that runs code over the context (rlm), and one that answers the gold (direct)."""
     tmp = tmp_path_factory.mktemp("eval")
     config = ['[models.root]\nbackend = "echo"\nprice_in_per_mtok = 3.0\nprice_out_per_mtok = 15.0\n']
     config.append('[models.sub]\nbackend = "echo"\n')
+    config.append(f'[models.echo_window]\nbackend = "echo"\ncontext_window_tokens = {WINDOW}\n')
     for name in TASKS:
-        task = generate(name, LENGTH, seed=SEED, index=0)
-        script = tmp / f"{name}.json"
-        script.write_text(json.dumps(reader_script(name, task.query)))
-        alias = "read_" + name.replace("-", "_")
-        config.append(f'[models.{alias}]\nbackend = "script"\npath = "{script}"\nprice_in_per_mtok = 1.0\n')
+        tasks = [generate(name, LENGTH, seed=SEED, index=i) for i in range(N[name])]
+        for prefix, script in (("read", reader_script(name, tasks)), ("gold", [gold_text(tasks[0])])):
+            path = tmp / f"{prefix}-{name}.json"
+            path.write_text(json.dumps(script))
+            table = f'[models.{alias(prefix, name)}]\nbackend = "script"\npath = "{path}"\n'
+            config.append(table + "price_in_per_mtok = 1.0\n")
     config.append("[run]\nmax_iterations = 3\n\n[sandbox]\nworkers = 2\n")
     path = tmp / "rlmq.toml"
     path.write_text("\n".join(config))
@@ -190,11 +227,13 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
             up.stdout.close()
 
 
-def run_eval_cli(services: tuple[str, str, Path], out: Path, *args: str) -> tuple[dict[str, Any], str]:
+def run_eval_cli(
+    services: tuple[str, str, Path], out: Path, *args: str, n: int = 1
+) -> tuple[dict[str, Any], str]:
     handler, sandbox, config = services
     done = subprocess.run(
         [*RLMQ, "eval", "--config", str(config), "--handler", handler, "--sandbox", sandbox,
-         "--tokens", "8K", "--n", "1", "--seed", str(SEED), "--out", str(out), "--json", *args],
+         "--tokens", "8K", "--n", str(n), "--seed", str(SEED), "--out", str(out), "--json", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -208,31 +247,86 @@ def lines_of(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+def events_of(line: dict[str, Any]) -> list[dict[str, Any]]:
+    return [json.loads(e) for e in Path(line["trajectory"]).read_text().splitlines()]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TASKS)
 def test_a_model_that_reads_gets_every_task_right(
     services: tuple[str, str, Path], tmp_path: Path, name: str
 ) -> None:
-    alias = "read_" + name.replace("-", "_")
-    summary, _ = run_eval_cli(services, tmp_path, "--task", name, "--root-model", alias)
-    assert summary["ran"] == 1
+    summary, _ = run_eval_cli(
+        services, tmp_path, "--task", name, "--root-model", alias("read", name), n=N[name]
+    )
+    assert summary["ran"] == N[name]
     assert summary["failed"] == []
     [row] = summary["rows"]
-    assert (row["task"], row["method"], row["length_tokens"], row["n"]) == (name, "rlm", LENGTH, 1)
+    assert (row["task"], row["method"], row["length_tokens"], row["n"]) == (name, "rlm", LENGTH, N[name])
     assert row["score"] == 1.0
-    [line] = lines_of(tmp_path)
-    assert line["task_id"] == f"{name}-{LENGTH}-s{SEED}-0"
-    assert line["stop_reason"] == "final"
-    assert line["score"] == 1.0
-    assert line["gold"] == generate(name, LENGTH, seed=SEED, index=0).gold_json()
-    assert line["iterations"] == 2
-    assert line["calls"] == 2  # two root turns; the reader needs no sub-calls
-    assert line["input_tokens"] > 0
-    assert line["cost_usd"] > 0
-    events = [json.loads(e) for e in Path(line["trajectory"]).read_text().splitlines()]
-    assert [e["event"] for e in events][-1] == "run_end"
-    assert [e["found"] for e in events if e["event"] == "final_var"] == [True]
+    lines = sorted(lines_of(tmp_path), key=lambda line: line["index"])
+    assert [line["task_id"] for line in lines] == [f"{name}-{LENGTH}-s{SEED}-{i}" for i in range(N[name])]
+    for line in lines:
+        assert line["stop_reason"] == "final"
+        assert line["score"] == 1.0
+        assert line["gold"] == generate(name, LENGTH, seed=SEED, index=line["index"]).gold_json()
+        assert line["iterations"] == 2
+        assert line["calls"] == 2  # two root turns; the reader needs no sub-calls
+        assert line["input_tokens"] > 0
+        assert line["cost_usd"] > 0
+        events = events_of(line)
+        assert [e["event"] for e in events][-1] == "run_end"
+        assert [e["found"] for e in events if e["event"] == "final_var"] == [True]
     assert Path(summary["plot"]).stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TASKS)
+def test_direct_with_a_model_that_reads_the_whole_context_gets_every_task_right(
+    services: tuple[str, str, Path], tmp_path: Path, name: str
+) -> None:
+    """The root model answers the gold in its one call; the call carried the whole context."""
+    summary, _ = run_eval_cli(
+        services, tmp_path, "--task", name, "--method", "direct", "--root-model", alias("gold", name)
+    )
+    assert (summary["ran"], summary["failed"]) == (1, [])
+    [row] = summary["rows"]
+    assert (row["method"], row["score"]) == ("direct", 1.0)
+    [line] = lines_of(tmp_path)
+    task = generate(name, LENGTH, seed=SEED, index=0)
+    assert (line["method"], line["stop_reason"], line["score"]) == ("direct", "final", 1.0)
+    assert (line["iterations"], line["calls"], line["cut_tokens"]) == (1, 1, 0)
+    assert line["input_tokens"] >= task.context_tokens  # the whole context, in the one call
+    assert line["answer"] == gold_text(task)
+    ends = [e for e in events_of(line) if e["event"] == "direct_end"]
+    assert [(e["stop_reason"], e["cut_tokens"]) for e in ends] == [("final", 0)]
+
+
+@pytest.mark.slow
+def test_direct_cuts_the_context_to_the_root_models_window_with_a_note(
+    services: tuple[str, str, Path], tmp_path: Path
+) -> None:
+    """An 8K task and a window of 8K tokens: with the room kept for the answer it does not fit,
+    so its head goes, cut at a line end, with the note. The echo model shows the prompt it got."""
+    summary, _ = run_eval_cli(
+        services, tmp_path, "--task", "sniah", "--method", "direct", "--root-model", "echo_window"
+    )
+    assert (summary["ran"], summary["failed"]) == (1, [])
+    [line] = lines_of(tmp_path)
+    task = generate("sniah", LENGTH, seed=SEED, index=0)
+    # The handler refuses a prompt over the model's window: the cut one went through.
+    assert (line["stop_reason"], line["calls"]) == ("final", 1)
+    assert line["input_tokens"] <= WINDOW
+    prompt = line["answer"]
+    kept = prompt.split("\n\n[Note", 1)[0].removeprefix("Context:\n\n")
+    assert 0 < len(kept) < len(task.context)
+    assert task.context.startswith(kept + "\n")  # the head, in whole lines
+    assert line["cut_tokens"] == (len(task.context) - len(kept)) // 4 > 0
+    assert f"[Note: the context was cut to fit the model's context window of {WINDOW:,} tokens" in prompt
+    assert f"of {task.context_tokens:,} tokens are shown above" in prompt
+    assert prompt.endswith(f"Question: {task.query}")
+    assert line["score"] == 0.0
+    assert [e["cut_tokens"] for e in events_of(line) if e["event"] == "direct_end"] == [line["cut_tokens"]]
 
 
 @pytest.mark.slow
@@ -240,23 +334,25 @@ def test_a_model_that_reads_gets_every_task_right(
 def test_the_echo_model_gets_every_task_wrong_by_both_methods(
     services: tuple[str, str, Path], tmp_path: Path, name: str
 ) -> None:
-    summary, _ = run_eval_cli(services, tmp_path, "--task", name, "--method", "rlm,direct")
-    assert summary["ran"] == 2
+    n = N[name]
+    summary, _ = run_eval_cli(services, tmp_path, "--task", name, "--method", "rlm,direct", n=n)
+    assert summary["ran"] == 2 * n
     assert {(r["method"], r["score"]) for r in summary["rows"]} == {("rlm", 0.0), ("direct", 0.0)}
-    by_method = {line["method"]: line for line in lines_of(tmp_path)}
-    direct = by_method["direct"]
+    assert all(line["score"] == 0.0 for line in lines_of(tmp_path))
+    first = {line["method"]: line for line in lines_of(tmp_path) if line["index"] == 0}
+    direct = first["direct"]
     assert direct["iterations"] == 1
     assert direct["calls"] == 1
     assert direct["cut_tokens"] == 0  # 8K fits the default window of 128K
     assert generate(name, LENGTH, seed=SEED, index=0).context[:200] in direct["answer"]  # it echoed it all
     assert direct["cost_usd"] > 0
-    assert by_method["rlm"]["stop_reason"] == "max_iterations"
+    assert first["rlm"]["stop_reason"] == "max_iterations"
 
     # Run again into the same directory: nothing is run twice.
-    again, stderr = run_eval_cli(services, tmp_path, "--task", name, "--method", "rlm,direct")
-    assert (again["ran"], again["skipped"]) == (0, 2)
-    assert "skipped 2 runs" in stderr
-    assert len(lines_of(tmp_path)) == 2
+    again, stderr = run_eval_cli(services, tmp_path, "--task", name, "--method", "rlm,direct", n=n)
+    assert (again["ran"], again["skipped"]) == (0, 2 * n)
+    assert f"skipped {2 * n} runs" in stderr
+    assert len(lines_of(tmp_path)) == 2 * n
 
 
 # ---------------------------------------------------------------- without services

@@ -1,14 +1,19 @@
-"""The direct baseline's prompt: the whole context, or its head and a note when it does not fit."""
+"""The direct baseline: its prompt (the whole context, or its head and a note when it does not
+fit), the window it is cut to, and how a call ends, against an in-process handler."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import zmq.asyncio
 
 from rlmq.eval import DEFAULT_CONTEXT_WINDOW_TOKENS, context_window_tokens, direct_prompt
+from rlmq.eval.direct import run_direct
 from rlmq.lmhandler.config import default_context_window
-from rlmq.protocol import ConfigError
+from rlmq.lmhandler.testing import echo_model, running_handler
+from rlmq.orchestrator import StopReason
+from rlmq.protocol import AsyncHandlerClient, ConfigError
 
 CONTEXT = "\n".join(f"line {i:05d} of the record" for i in range(10_000))  # 250K characters
 
@@ -52,3 +57,39 @@ def test_a_context_window_that_is_no_token_count_is_a_config_error(tmp_path: Pat
     config.write_text(f'[models.root]\nbackend = "echo"\ncontext_window_tokens = {value}\n')
     with pytest.raises(ConfigError, match="context_window_tokens"):
         context_window_tokens(config, "root")
+
+
+async def test_a_direct_call_ends_final_or_error_as_a_run_does(actx: zmq.asyncio.Context) -> None:
+    """FINAL when the model answered; ERROR, with the handler's code, when the handler refused the
+    call (here a prompt over its window: the eval was told a window larger than the handler's)."""
+    async with (
+        running_handler({"big": echo_model(), "small": echo_model(context_window_tokens=2_000)}) as handler,
+        AsyncHandlerClient(handler.address or "", context=actx) as client,
+    ):
+        context = CONTEXT[:20_000]
+        answered = await run_direct(
+            client,
+            context,
+            "How many lines?",
+            run_id="run-a",
+            model="big",
+            window_tokens=128_000,
+            max_tokens=None,
+        )
+        assert answered.stop_reason is StopReason.FINAL
+        assert answered.answer == f"Context:\n\n{context}\n\nQuestion: How many lines?"  # the echo
+        assert (answered.cut_tokens, answered.detail, answered.usage.calls) == (0, "", 1)
+
+        refused = await run_direct(
+            client,
+            context,
+            "How many lines?",
+            run_id="run-b",
+            model="small",
+            window_tokens=128_000,
+            max_tokens=None,
+        )
+        assert refused.stop_reason is StopReason.ERROR
+        assert refused.answer == ""
+        assert refused.detail.startswith("too_large: the prompt for 'small'")
+        assert refused.usage.closed

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from rlmq.eval import format_table, plot, summarize
-from rlmq.eval.report import format_length
+from rlmq.eval.report import figure, format_length
 
 
 def record(method: str, length: int, score: float, cost: float, stop: str = "final") -> dict[str, Any]:
@@ -70,6 +70,53 @@ def test_the_table_reads_in_columns() -> None:
 )
 def test_lengths_are_written_as_people_say_them(tokens: int, text: str) -> None:
     assert format_length(tokens) == text
+
+
+def test_the_figure_has_a_score_panel_and_a_cost_panel_with_a_line_per_method() -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(summarize(RECORDS))
+    assert fig is not None
+    try:
+        score_panel, cost_panel = fig.axes  # the legends are no axes of their own
+        assert score_panel.get_title() == "score (%)"
+        assert cost_panel.get_title() == "mean cost per task (USD)"
+        for panel in fig.axes:
+            assert panel.get_xscale() == "log"
+            assert panel.get_xlabel() == "context length (tokens)"
+            assert [t.get_text() for t in panel.get_xticklabels()] == ["8K", "131K"]
+            legend = panel.get_legend()
+            assert legend is not None
+            assert [t.get_text() for t in legend.get_texts()] == ["direct", "rlm"]
+
+        def lines(panel: Any) -> dict[str, tuple[list[float], list[float]]]:
+            return {
+                line.get_label(): (list(line.get_xdata()), pytest.approx(list(line.get_ydata())))
+                for line in panel.get_lines()
+            }
+
+        # Means by method and length, in % on the left and USD on the right, by length.
+        assert lines(score_panel) == {"direct": ([8_000], [0.0]), "rlm": ([8_000, 131_072], [75.0, 25.0])}
+        assert lines(cost_panel) == {"direct": ([8_000], [0.01]), "rlm": ([8_000, 131_072], [0.03, 0.10])}
+    finally:
+        plt.close(fig)
+
+
+def test_with_several_tasks_a_line_is_named_by_task_and_method() -> None:
+    import matplotlib.pyplot as plt
+
+    pairs = {**record("rlm", 32_000, 0.5, 0.2), "task": "oolong-pairs"}
+    fig = figure(summarize([*RECORDS, pairs]))
+    assert fig is not None
+    try:
+        for panel in fig.axes:
+            assert sorted(line.get_label() for line in panel.get_lines()) == [
+                "oolong / direct",
+                "oolong / rlm",
+                "oolong-pairs / rlm",
+            ]
+    finally:
+        plt.close(fig)
 
 
 def test_the_plot_is_a_png(tmp_path: Path) -> None:

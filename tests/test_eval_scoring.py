@@ -1,5 +1,5 @@
 """Scoring as in the RLM paper, on hand-made answers: exact match after normalisation, 0.75 **
-|error| for numbers, F1 for pairs."""
+|error| for numbers, F1 for pairs, and exact match item by item for sniah's list answers."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 from rlmq.eval import (
     AnswerKind,
     normalise,
+    parse_items,
     parse_number,
     parse_pairs,
     score,
     score_exact,
+    score_items,
     score_number,
     score_pairs,
 )
@@ -100,6 +102,53 @@ def test_pairs_are_read_in_any_bracket_and_order() -> None:
 )
 def test_pairs_score_f1(answer: str, gold: set[tuple[int, int]], expected: float) -> None:
     assert score_pairs(answer, gold) == pytest.approx(expected)
+
+
+def test_list_items_are_split_at_commas_semicolons_lines_and_and() -> None:
+    assert parse_items("Answer: Teal Condor, amber otter and **slate lynx**.") == [
+        "teal condor",
+        "amber otter",
+        "slate lynx",
+    ]
+    assert parse_items("4,418,203; 5,512,903,\n- 1204000\n") == ["4418203", "5512903", "1204000"]
+    assert parse_items("499e0601-9417, 0b1c2d3e-aaaa") == ["499e0601 9417", "0b1c2d3e aaaa"]
+    assert parse_items("") == []
+
+
+SET = frozenset({"teal condor", "amber otter", "slate lynx"})
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("teal condor, amber otter, slate lynx", 1.0),
+        ("Slate lynx, Teal condor and amber otter.", 1.0),  # any order, any case
+        ("teal condor\namber otter\nslate lynx\nteal condor", 1.0),  # repeats do not count
+        ("teal condor, amber otter", 0.0),  # one missing
+        ("teal condor, amber otter, slate lynx, cobalt heron", 0.0),  # one extra
+        ("teal condor amber otter slate lynx", 0.0),  # not a list
+        ("", 0.0),
+    ],
+)
+def test_a_set_answer_is_exact_match_on_the_set_of_items(answer: str, expected: float) -> None:
+    assert score_items(answer, SET, ordered=False) == expected
+    assert score(AnswerKind.SET, answer, SET) == expected
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("4418203, 5512903, 1204000", 1.0),
+        ("Answer: 4,418,203; 5,512,903 and 1,204,000", 1.0),
+        ("5512903, 4418203, 1204000", 0.0),  # the values of two places swapped
+        ("4418203, 5512903", 0.0),
+        ("4418203, 4418203, 5512903, 1204000", 0.0),
+    ],
+)
+def test_a_list_answer_is_exact_match_item_by_item_in_order(answer: str, expected: float) -> None:
+    gold = ("4418203", "5512903", "1204000")
+    assert score_items(answer, gold, ordered=True) == expected
+    assert score(AnswerKind.LIST, answer, gold) == expected
 
 
 def test_score_dispatches_on_the_kind() -> None:

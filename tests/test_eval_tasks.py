@@ -33,12 +33,39 @@ def day_of(text: str) -> int:
 # ---------------------------------------------------------------- the independent solvers
 
 
-def sniah_gold(task: Task) -> str:
+PLACE = re.compile(r"\b[Tt]he ([A-Z][a-z]+ [a-z]+)")
+
+
+def asked_keys(query: str) -> list[str]:
+    """The places the question names, in its order, read from its text (not from the spec)."""
+    question = query.split("one entry per line. ", 1)[1].split("?", 1)[0]
+    return PLACE.findall(question)
+
+
+def sniah_gold(task: Task) -> object:
+    """The current values of the keys the question names: one (single), all of one key's
+    (multi-value, a set), or one per key in the asked order (multi-query, a list)."""
     labels = task.labels
     assert isinstance(labels, SniahLabels)
-    current = [n.value for n in labels.needles if n.key == task.spec["key"] and n.current]
-    assert len(current) == 1, "the asked key has exactly one current value"
-    return current[0]
+    current: dict[str, list[str]] = {}
+    for needle in labels.needles:
+        if needle.current:
+            current.setdefault(needle.key, []).append(needle.value)
+    keys = asked_keys(task.query)
+    assert keys == task.spec["keys"]
+    if "several current" in task.query:
+        assert task.kind is AnswerKind.SET
+        [key] = keys
+        assert len(current[key]) >= 2
+        assert len(set(current[key])) == len(current[key])
+        return frozenset(current[key])
+    assert all(len(current[key]) == 1 for key in keys), "every asked key has one current value"
+    if len(keys) == 1:
+        assert task.kind is AnswerKind.EXACT
+        return current[keys[0]][0]
+    assert task.kind is AnswerKind.LIST
+    assert "in the order the places are asked" in task.query
+    return tuple(current[key][0] for key in keys)
 
 
 def per_user(labels: RecordLabels) -> dict[int, list[tuple[int, str]]]:
@@ -103,7 +130,6 @@ def pairs_gold(task: Task) -> frozenset[tuple[int, int]]:
 def test_gold_answers_agree_with_an_independent_solver(name: str, length: int, seed: int, index: int) -> None:
     task = generate(name, length, seed=seed, index=index)
     if name == "sniah":
-        assert task.kind is AnswerKind.EXACT
         assert task.gold == sniah_gold(task)
     elif name == "oolong":
         assert task.gold == oolong_gold(task)
@@ -129,8 +155,27 @@ def test_sniah_labels_are_where_the_text_says(index: int) -> None:
         assert what in lines[needle.line]
     # Only the placed sentences name the value's kind: the filler never says "access code".
     assert {i for i, line in enumerate(lines) if what in line} == {n.line for n in labels.needles}
-    assert task.spec["key"] in task.query
-    assert task.gold not in task.query
+    # Every value is stated once: no value of one key is a decoy or a value of another.
+    assert len({n.value for n in labels.needles}) == len(labels.needles)
+    assert all(key in task.query for key in task.spec["keys"])
+    assert not any(n.value in task.query for n in labels.needles)
+
+
+def test_sniah_asks_all_three_of_rulers_questions_with_every_value_kind() -> None:
+    """Tasks 0-2, 3-5 and 6-8 each have the three questions and the three value kinds, and the
+    nine every pairing; a question asks two to four values where it asks several."""
+    tasks = [generate("sniah", 8_000, seed=4, index=i) for i in range(9)]
+    for start in (0, 3, 6):
+        window = tasks[start : start + 3]
+        assert {t.spec["question"] for t in window} == {"single", "multi_value", "multi_query"}
+        assert {t.spec["value_kind"] for t in window} == {"number", "phrase", "hex"}
+    assert len({(t.spec["question"], t.spec["value_kind"]) for t in tasks}) == 9
+    for task in tasks:
+        if task.spec["question"] == "single":
+            assert isinstance(task.gold, str)
+        else:
+            assert isinstance(task.gold, frozenset | tuple)
+            assert 2 <= len(task.gold) <= 4
 
 
 @pytest.mark.parametrize("name", ["oolong", "oolong-pairs"])
@@ -181,17 +226,20 @@ def test_sniah_needs_reading_a_pattern_finds_decoys_too() -> None:
         "phrase": r"(?=\b([a-z]+ [a-z]+)\b)",
         "hex": r"\b([0-9a-f]{8}-[0-9a-f]{4})\b",
     }
-    for index in range(3):
+    for index in range(9):
         task = generate("sniah", 32_000, seed=0, index=index)
-        key = task.spec["key"]
-        values = {
-            v
-            for line in task.context.splitlines()
-            if key in line
-            for v in re.findall(shapes[task.spec["value_kind"]], line)
-        }
-        assert task.gold in values
-        assert len(values) >= 3
+        labels = task.labels
+        assert isinstance(labels, SniahLabels)
+        for key in task.spec["keys"]:
+            values = {
+                v
+                for line in task.context.splitlines()
+                if key in line
+                for v in re.findall(shapes[task.spec["value_kind"]], line)
+            }
+            right = {n.value for n in labels.needles if n.key == key and n.current}
+            assert right < values
+            assert len(values - right) >= 2
 
 
 def test_oolong_classes_need_reading_a_first_word_rule_gets_many_wrong() -> None:

@@ -3,8 +3,8 @@
 Tasks (``sniah``, ``oolong``, ``oolong-pairs``) are generated on this machine from a seed, from
 1K to 10M tokens, each with its gold answer and the labels it was computed from. Runs go through
 the real services: ``rlm`` is a full RLM run (``rlmq.orchestrator.runner.run_query``), ``direct``
-one call with the whole context. Scores follow the paper: exact match, 0.75 ** |error| for
-numbers, F1 for pairs. Modules: ``tasks`` (what a task is, ``generate``), ``sniah`` and
+one call with the whole context. Scores follow the paper: exact match (item by item for a list),
+0.75 ** |error| for numbers, F1 for pairs. Modules: ``tasks`` (what a task is, ``generate``), ``sniah`` and
 ``oolong`` (the generators), ``scoring``, ``direct`` (the baseline), ``harness`` (runs, the
 output directory, resuming), ``report`` (table and plot), ``cli``.
 
@@ -17,7 +17,17 @@ from .cli import add_arguments, main
 from .direct import DEFAULT_CONTEXT_WINDOW_TOKENS, context_window_tokens, direct_prompt
 from .harness import METHODS, EvalOutcome, EvalPlan, Results, pending_runs, run_eval
 from .report import format_table, plot, summarize
-from .scoring import normalise, parse_number, parse_pairs, score, score_exact, score_number, score_pairs
+from .scoring import (
+    normalise,
+    parse_items,
+    parse_number,
+    parse_pairs,
+    score,
+    score_exact,
+    score_items,
+    score_number,
+    score_pairs,
+)
 from .tasks import TASKS, AnswerKind, Needle, RecordLabels, SniahLabels, Task, generate
 
 __all__ = [
@@ -39,6 +49,7 @@ __all__ = [
     "generate",
     "main",
     "normalise",
+    "parse_items",
     "parse_number",
     "parse_pairs",
     "pending_runs",
@@ -46,6 +57,7 @@ __all__ = [
     "run_eval",
     "score",
     "score_exact",
+    "score_items",
     "score_number",
     "score_pairs",
     "summarize",

@@ -33,9 +33,9 @@ __all__ = ["add_arguments", "main", "parse_tokens"]
 DEFAULT_EVALS_DIR = Path("rlmq-evals")
 
 TASK_HELP = (
-    "sniah: find one key's current value among decoys (RULER's S-NIAH); oolong: count, compare and "
-    "filter records by a class that must be read (OOLONG); oolong-pairs: every pair of users meeting "
-    "a condition on their class counts, scored by F1"
+    "sniah: find keys' current values among decoys, one, all of one key's, or several keys' at once "
+    "(RULER's NIAH); oolong: count, compare and filter records by a class that must be read "
+    "(OOLONG); oolong-pairs: every pair of users meeting a condition on their class counts, scored by F1"
 )
 
 

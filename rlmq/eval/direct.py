@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlmq.lmhandler.config import OFFLINE_CONTEXT_WINDOW_TOKENS, load_config
+from rlmq.orchestrator.loop import StopReason
 from rlmq.protocol import AsyncHandlerClient, ConfigError, RemoteError, RunLimits, RunUsage
 
 from .tasks import CHARS_PER_TOKEN
@@ -70,7 +71,7 @@ def direct_prompt(context: str, query: str, *, window_tokens: int, answer_tokens
 @dataclass(frozen=True, slots=True)
 class DirectResult:
     answer: str
-    stop_reason: str  # "final", or "error" when the handler refused or the model failed
+    stop_reason: StopReason  # FINAL, or ERROR when the handler refused or the model failed
     detail: str
     usage: RunUsage
     cut_tokens: int
@@ -92,14 +93,14 @@ async def run_direct(
     answer_tokens = max_tokens if max_tokens is not None else 4_096
     prompt, cut = direct_prompt(context, query, window_tokens=window_tokens, answer_tokens=answer_tokens)
     await client.run_open(run_id, limits)
-    answer, reason, detail = "", "final", ""
+    answer, reason, detail = "", StopReason.FINAL, ""
     try:
         reply = await client.complete(
             prompt, model=model, max_tokens=max_tokens, run=run_id, timeout_s=timeout_s
         )
         answer = reply.text
     except RemoteError as exc:  # the model's failure is its score; a dead handler is not
-        reason, detail = "error", f"{exc.raw_code}: {exc.message}"
+        reason, detail = StopReason.ERROR, f"{exc.raw_code}: {exc.message}"
     finally:
         usage = await client.run_close(run_id)
     return DirectResult(answer, reason, detail, usage, cut)

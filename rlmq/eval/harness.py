@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from rlmq.orchestrator.loop import new_run_id
+from rlmq.orchestrator.loop import StopReason, new_run_id
 from rlmq.orchestrator.runner import run_query
 from rlmq.orchestrator.settings import RunSettings
 from rlmq.orchestrator.trajectory import Trajectory
@@ -181,7 +181,7 @@ def _record(
     method: str,
     *,
     answer: str,
-    stop_reason: str,
+    stop_reason: StopReason,
     detail: str,
     iterations: int,
     usage: RunUsage | None,
@@ -204,7 +204,7 @@ def _record(
         "answer_chars": len(answer),
         "gold": task.gold_json(),
         "score": score(task.kind, answer, task.gold),
-        "stop_reason": stop_reason,
+        "stop_reason": str(stop_reason),  # the enum's value: "final", "max_iterations", ...
         "detail": detail,
         "iterations": iterations,
         "calls": usage.calls if usage is not None else 0,
@@ -240,7 +240,7 @@ async def _run_rlm(task: Task, services: _Services, path: Path) -> dict[str, Any
         task,
         "rlm",
         answer=result.answer,
-        stop_reason=str(result.stop_reason),
+        stop_reason=result.stop_reason,
         detail=result.detail,
         iterations=result.iterations,
         usage=result.usage,
@@ -272,7 +272,7 @@ async def _run_direct(task: Task, services: _Services, path: Path) -> dict[str, 
         trajectory.write(
             "direct_end",
             answer=result.answer,
-            stop_reason=result.stop_reason,
+            stop_reason=str(result.stop_reason),
             detail=result.detail,
             cut_tokens=result.cut_tokens,
             usage=result.usage.to_wire(),

@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["format_length", "format_table", "plot", "summarize"]
+from rlmq.orchestrator.loop import StopReason
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["figure", "format_length", "format_table", "plot", "summarize"]
 
 
 def format_length(tokens: int) -> str:
@@ -42,7 +47,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "input_tokens": sum(r["input_tokens"] for r in runs) / n,
                 "output_tokens": sum(r["output_tokens"] for r in runs) / n,
                 "elapsed_s": sum(r["elapsed_s"] for r in runs) / n,
-                "errors": sum(1 for r in runs if r["stop_reason"] == "error"),
+                "errors": sum(1 for r in runs if r["stop_reason"] == StopReason.ERROR),
             }
         )
     return rows
@@ -80,10 +85,10 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
     )
 
 
-def plot(rows: Iterable[Mapping[str, Any]], path: Path) -> Path | None:
-    """Score and cost against context length, one line per task and method (the paper's Figure 1).
-
-    Returns None when matplotlib is not installed (it is the optional extra ``rlmq[eval]``).
+def figure(rows: Iterable[Mapping[str, Any]]) -> Figure | None:
+    """Score and cost against context length, one line per task and method (the paper's Figure 1):
+    two panels, score (%) on the left, mean cost per task on the right. The caller closes it
+    (``matplotlib.pyplot.close``). None when matplotlib is not installed (the extra ``rlmq[eval]``).
     """
     try:
         import matplotlib
@@ -114,6 +119,16 @@ def plot(rows: Iterable[Mapping[str, Any]], path: Path) -> Path | None:
         ax.legend()
     left.set_ylim(-2, 102)
     fig.suptitle(f"rlmq eval: {', '.join(sorted(tasks))}")
+    return fig
+
+
+def plot(rows: Iterable[Mapping[str, Any]], path: Path) -> Path | None:
+    """``figure(rows)`` written to ``path`` as a PNG; None when matplotlib is not installed."""
+    fig = figure(rows)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -42,9 +42,12 @@ class AnswerKind(StrEnum):
     EXACT = "exact"  # normalised exact match
     NUMBER = "number"  # 0.75 ** |error|
     PAIRS = "pairs"  # F1 over pairs of user ids
+    SET = "set"  # a list in any order: exact match of the normalised set of items
+    LIST = "list"  # a list in the asked order: exact match of the normalised items in order
 
 
-Gold = str | int | frozenset[tuple[int, int]]
+# EXACT: str, NUMBER: int, PAIRS: frozenset of (smaller, larger), SET: frozenset[str], LIST: tuple[str, ...]
+Gold = str | int | frozenset[tuple[int, int]] | frozenset[str] | tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +97,14 @@ class Task:
         return len(self.context) // CHARS_PER_TOKEN
 
     def gold_json(self) -> Any:
-        """The gold answer as JSON: pairs become a sorted list of ``[a, b]``."""
-        if isinstance(self.gold, frozenset):
-            return [list(p) for p in sorted(self.gold)]
-        return self.gold
+        """The gold answer as JSON: pairs become a sorted list of ``[a, b]``, a set a sorted list,
+        a list a list."""
+        gold = self.gold
+        if isinstance(gold, tuple):
+            return list(gold)
+        if isinstance(gold, frozenset):
+            return sorted(list(item) if isinstance(item, tuple) else item for item in gold)
+        return gold
 
 
 def task_id(name: str, length_tokens: int, seed: int, index: int) -> str:
