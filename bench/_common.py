@@ -180,6 +180,7 @@ def load(server: Server, **spec: Any) -> dict[str, Any]:
     handler = is_handler(server)
     if not handler:
         spec.setdefault("run", "loadtest-000000-000000")  # same size as the handler's run ids
+        spec.setdefault("run_key", "0" * 32)  # and its run keys
     report = run_load(
         LoadSpec(address=server.address, **spec), env=os.environ, handler_stats=handler, open_run=handler
     )

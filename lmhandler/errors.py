@@ -44,7 +44,8 @@ class UnknownRun(HandlerError):
 
 
 class AnonymousRefused(HandlerError):
-    """A ``complete`` without a run on a handler that does not allow anonymous calls."""
+    """A ``complete`` without a run, or a run opened without a key, on a handler that does not
+    allow anonymous calls."""
 
     code = ErrorCode.UNAUTHORIZED
 

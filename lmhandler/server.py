@@ -57,7 +57,7 @@ from rlmq.protocol.security import CurveServerKeys, ServerSecurity
 from .accounting import RunTable
 from .backends import Backend, make_backend
 from .config import OFFLINE_CONTEXT_WINDOW_TOKENS, HandlerConfig
-from .errors import HandlerError
+from .errors import AnonymousRefused, HandlerError
 from .pipeline import Model, Pipeline
 from .stats import ServerStats
 from .transport import Payload, RouterTransport, restore_gc, tune_gc
@@ -283,6 +283,12 @@ class Handler:
         )
 
     def _run_open(self, req: RunOpenRequest) -> Reply:
+        if req.key is None and not self.allow_anonymous:
+            # Where calls with no run are refused, a run anyone could name would be the way round.
+            raise AnonymousRefused(
+                f"run {req.run!r} has no key: this handler serves only keyed runs (allow_anonymous is "
+                "off); open it with a key, which every call and the close must then show"
+            )
         return RunUsageReply(req.id, self.runs.open_run(req.run, req.limits, req.key).snapshot())
 
     def _run_close(self, req: RunCloseRequest) -> Reply:

@@ -42,8 +42,12 @@ async def test_private_services_refuse_calls_without_a_run_and_keep_keys_from_th
         with pytest.raises(RemoteError) as refused:
             await client.complete("spend", model="sub")
         assert refused.value.code == ErrorCode.UNAUTHORIZED
-        # ...while the orchestrator's own runs are served.
-        await client.run_open("r-local", RunLimits(max_calls=2))
+        # ...nor open a run nobody else could be kept out of...
+        with pytest.raises(RemoteError) as keyless:
+            await client.run_open("r-anyone", RunLimits(max_calls=2))
+        assert keyless.value.code == ErrorCode.UNAUTHORIZED
+        # ...while the orchestrator's own runs, opened with a key, are served.
+        await client.run_open("r-local", RunLimits(max_calls=2), key="k" * 32)
         assert (await client.complete("ok", model="sub", run="r-local")).text == "ok"
         (pool_pid,) = _processes_running(f"sandbox --handler {services.handler}")
         environ = Path(f"/proc/{pool_pid}/environ").read_bytes().split(b"\0")

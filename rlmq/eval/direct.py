@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,9 @@ async def run_direct(
     """One ``complete`` call under its own run id, so the handler counts its tokens and cost."""
     answer_tokens = max_tokens if max_tokens is not None else 4_096
     prompt, cut = direct_prompt(context, query, window_tokens=window_tokens, answer_tokens=answer_tokens)
-    await client.run_open(run_id, limits)
+    # Keyed: nobody else can spend it, and a handler without anonymous access serves only keyed
+    # runs. The client shows the key on the complete and the close.
+    await client.run_open(run_id, limits, key=secrets.token_hex(16))
     answer, reason, detail = "", StopReason.FINAL, ""
     try:
         reply = await client.complete(

@@ -122,7 +122,11 @@ def run_load(
                 max_cost_usd=1e9,
                 deadline_s=1e7,
             )
-            control.request(RunOpenRequest(control.new_id(), run_id, limits))
+            # Keyed, so that no other client can spend it (a handler without anonymous access
+            # serves keyed runs only); every worker process shows the key on its requests.
+            run_key = os.urandom(16).hex()
+            control.request(RunOpenRequest(control.new_id(), run_id, limits, run_key))
+            spec = dataclasses.replace(spec, run_key=run_key)
         spec = dataclasses.replace(spec, run=run_id)
         head = payload_head(spec)
         concurrency = _split(spec.concurrency, nproc)
@@ -153,8 +157,10 @@ def run_load(
             if run_id is not None:
                 with contextlib.suppress(RlmqError):
                     # A run this test opened is closed; one named with --run is only read.
-                    req = RunCloseRequest if open_run else UsageRequest
-                    reply = control.request(req(control.new_id(), run_id))
+                    if open_run:
+                        reply = control.request(RunCloseRequest(control.new_id(), run_id, spec.run_key))
+                    else:
+                        reply = control.request(UsageRequest(control.new_id(), run_id))
                     if isinstance(reply, RunUsageReply):
                         run_usage = reply.run.to_wire()
     finally:

@@ -37,6 +37,7 @@ class LoadSpec:
     timeout_s: float = 60.0
     max_tokens: int | None = None
     run: str | None = None
+    run_key: str | None = None  # the key of a run this load test opened (every request shows it)
     handler_timeout_s: float | None = None  # the request's own timeout_s field, if given
     curve: CurveClientKeys | None = None  # CURVE client keys, for a handler with server keys
 
@@ -73,6 +74,8 @@ def payload_head(spec: LoadSpec) -> bytes:
         fields["max_tokens"] = spec.max_tokens
     if spec.run is not None:
         fields["run"] = spec.run
+    if spec.run_key is not None:
+        fields["key"] = spec.run_key
     if spec.handler_timeout_s is not None:
         fields["timeout_s"] = spec.handler_timeout_s
     packer = msgpack.Packer(use_bin_type=True)
