@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ServiceError
+from .errors import NoServices, ServiceError
 
-__all__ = ["LocalServices", "ServiceError", "local_services"]
+__all__ = ["LocalServices", "ServiceError", "local_services", "services_or_private"]
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +152,22 @@ async def local_services(
             await _stop(child)
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def services_or_private(
+    handler: str | None, sandbox: str | None, config: str | os.PathLike[str], *, guide: str
+) -> AsyncIterator[tuple[str, str]]:
+    """``(handler, sandbox)``: the addresses given, else private services started from
+    ``config`` for as long as the block runs (one given address is kept, the other started).
+    ``guide`` names where the user reads how to write a config, for the error without one."""
+    if handler and sandbox:
+        yield handler, sandbox
+        return
+    if not await asyncio.to_thread(os.path.exists, config):
+        raise NoServices(
+            f"no --handler/--sandbox given and no {config} to start private ones with; "
+            f"write a config with [models.root] and [models.sub] (see {guide}) or pass --config"
+        )
+    async with local_services(config) as services:
+        yield handler or services.handler, sandbox or services.sandbox

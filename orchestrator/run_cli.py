@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from rlmq.protocol.security import CurveClientKeys, client_keys_from_env
 
 from .contexts import load_context
 from .errors import ContextError, NoServices
-from .local import local_services
+from .local import services_or_private
 from .loop import StopReason, new_run_id
 from .runner import run_query
 from .settings import load_run_settings
@@ -82,20 +80,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-@contextlib.asynccontextmanager
-async def _addresses(args: argparse.Namespace) -> AsyncIterator[tuple[str, str]]:
-    if args.handler and args.sandbox:
-        yield args.handler, args.sandbox
-        return
-    if not args.config_exists:
-        raise NoServices(
-            f"no --handler/--sandbox given and no {args.config} to start private ones with; "
-            "write a config with [models.root] and [models.sub] (see README) or pass --config"
-        )
-    async with local_services(args.config) as services:
-        yield args.handler or services.handler, args.sandbox or services.sandbox
-
-
 async def _main(args: argparse.Namespace, curve: CurveClientKeys | None) -> int:
     settings = load_run_settings(args.config, _overrides(args))
     context = load_context(args.context)
@@ -103,7 +87,10 @@ async def _main(args: argparse.Namespace, curve: CurveClientKeys | None) -> int:
     path = Path(args.trajectory) if args.trajectory else DEFAULT_RUNS_DIR / f"{run_id}.jsonl"
     trajectory = Trajectory(path)
     try:
-        async with _addresses(args) as (handler, sandbox):
+        async with services_or_private(args.handler, args.sandbox, args.config, guide="README") as (
+            handler,
+            sandbox,
+        ):
             result = await run_query(
                 args.query,
                 context,
@@ -147,7 +134,6 @@ async def _main(args: argparse.Namespace, curve: CurveClientKeys | None) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    args.config_exists = Path(args.config).exists()
     try:
         # Handler and pool on TCP beyond loopback require CURVE: the keys come from the environment,
         # read here, at the entry point, and nowhere else.

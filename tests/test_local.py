@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import zmq.asyncio
 
-from rlmq.orchestrator.local import local_services
+from rlmq.orchestrator.errors import NoServices
+from rlmq.orchestrator.local import local_services, services_or_private
 from rlmq.protocol import AsyncHandlerClient, ErrorCode, RemoteError, RunLimits
 
 
@@ -55,3 +56,11 @@ async def test_private_services_refuse_calls_without_a_run_and_keep_keys_from_th
         assert b"SOME_PROVIDER_API_KEY" not in names
         assert b"RLMQ_TEST_PROVIDER_KEY" in names  # rlmq's own settings (CURVE keys) do reach it
         assert b"PATH" in names
+
+
+async def test_given_addresses_are_used_and_no_config_is_a_typed_error(tmp_path: Path) -> None:
+    async with services_or_private("ipc:///h", "ipc:///s", tmp_path / "absent.toml", guide="README") as got:
+        assert got == ("ipc:///h", "ipc:///s")  # nothing started, the config not even read
+    with pytest.raises(NoServices, match=r"no .*absent\.toml to start private ones with.*\(see README\)"):
+        async with services_or_private(None, "ipc:///s", tmp_path / "absent.toml", guide="README"):
+            pass

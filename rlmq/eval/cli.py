@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from rlmq.orchestrator.errors import NoServices
-from rlmq.orchestrator.local import local_services
+from rlmq.orchestrator.local import services_or_private
 from rlmq.orchestrator.settings import load_run_settings
 from rlmq.protocol import ConfigError, RlmqError
 from rlmq.protocol.security import CurveClientKeys, client_keys_from_env
@@ -123,20 +121,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-iterations", type=_positive, metavar="N", help="root-model turns per run (default 30)")
 
 
-@contextlib.asynccontextmanager
-async def _addresses(args: argparse.Namespace) -> AsyncIterator[tuple[str, str]]:
-    if args.handler and args.sandbox:
-        yield args.handler, args.sandbox
-        return
-    if not args.config_exists:
-        raise NoServices(
-            f"no --handler/--sandbox given and no {args.config} to start private ones with; "
-            "write a config with [models.root] and [models.sub] (see docs/eval.md) or pass --config"
-        )
-    async with local_services(args.config) as services:
-        yield args.handler or services.handler, args.sandbox or services.sandbox
-
-
 async def _run(
     args: argparse.Namespace, plan: EvalPlan, results: Results, runs: int, curve: CurveClientKeys | None
 ) -> EvalOutcome:
@@ -149,7 +133,10 @@ async def _run(
     window = context_window_tokens(args.config, settings.root_model)
     progress = Progress(plan.task, runs)
     try:
-        async with _addresses(args) as (handler, sandbox):
+        async with services_or_private(args.handler, args.sandbox, args.config, guide="docs/eval.md") as (
+            handler,
+            sandbox,
+        ):
             return await run_eval(
                 plan,
                 results,
@@ -205,7 +192,6 @@ def main(args: argparse.Namespace) -> int:
     if outcome.skipped:
         runs_word = "run" if outcome.skipped == 1 else "runs"
         print(f"rlmq eval: skipped {outcome.skipped} {runs_word} already in {results.path}", file=sys.stderr)
-    args.config_exists = Path(args.config).exists()
     try:
         if runs:
             # TCP beyond loopback requires CURVE: the keys come from the environment, read here only.
