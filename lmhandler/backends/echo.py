@@ -20,8 +20,9 @@ def _estimated_usage(request: BackendRequest, text: str) -> Usage:
     return Usage(input_tokens=prompt_tokens, output_tokens=estimate_tokens(text))
 
 
-class EchoBackend(Backend):
-    """Replies with the last user message verbatim after ``latency_ms``."""
+class _Offline(Backend):
+    """What both offline backends are: no provider behind them, an optional simulated latency,
+    and an answer at once when that latency is 0."""
 
     def __init__(self, config: ModelConfig) -> None:
         self.model = config.model
@@ -34,6 +35,10 @@ class EchoBackend(Backend):
     @property
     def has_provider(self) -> bool:
         return False
+
+
+class EchoBackend(_Offline):
+    """Replies with the last user message verbatim after ``latency_ms``."""
 
     async def complete(self, request: BackendRequest) -> Completion:
         if self.latency_s > 0:
@@ -42,13 +47,12 @@ class EchoBackend(Backend):
         return Completion(text, self.model, _estimated_usage(request, text), "end_turn")
 
 
-class ScriptBackend(Backend):
+class ScriptBackend(_Offline):
     """Replays a JSON list of strings in order, separately for each run id."""
 
     def __init__(self, config: ModelConfig) -> None:
         assert config.path is not None  # checked by the config loader
-        self.model = config.model
-        self.latency_s = config.latency_ms / 1000.0
+        super().__init__(config)
         try:
             data = json.loads(Path(config.path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -57,14 +61,6 @@ class ScriptBackend(Backend):
             raise ConfigError(f"[models.{config.alias}] script {config.path} must be a JSON list of strings")
         self.responses: list[str] = data
         self._position: defaultdict[str | None, int] = defaultdict(int)
-
-    @property
-    def answers_at_once(self) -> bool:
-        return self.latency_s == 0
-
-    @property
-    def has_provider(self) -> bool:
-        return False
 
     async def complete(self, request: BackendRequest) -> Completion:
         if self.latency_s > 0:
