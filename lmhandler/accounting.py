@@ -40,10 +40,7 @@ class BudgetExceeded(HandlerError):
 class RunClosed(HandlerError):
     """A call for a run that ``run_close`` has closed."""
 
-    code = ErrorCode.RUN_CLOSED
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=False)
+    code = ErrorCode.RUN_CLOSED  # not retryable: the default of its code
 
 
 @dataclass(slots=True)

@@ -37,20 +37,14 @@ class UnknownRun(HandlerError):
     forgotten, or lost with a restart), or opened with a key the request does not show. Not
     retryable: the caller reopens the run, or the run has failed."""
 
-    code = ErrorCode.UNKNOWN_RUN
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=False)
+    code = ErrorCode.UNKNOWN_RUN  # not retryable: the default of its code
 
 
 class AnonymousRefused(HandlerError):
     """A ``complete`` without a run, or a run opened without a key, on a handler that does not
     allow anonymous calls."""
 
-    code = ErrorCode.UNAUTHORIZED
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=False)
+    code = ErrorCode.UNAUTHORIZED  # not retryable: the default of its code
 
 
 class Overloaded(HandlerError):

@@ -56,19 +56,13 @@ log = logging.getLogger(__name__)
 class BudgetSpent(RunError):
     """The handler lost the run and nothing of one of its limits is left to reopen it with."""
 
-    code = ErrorCode.BUDGET_EXCEEDED
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=False)
+    code = ErrorCode.BUDGET_EXCEEDED  # not retryable: the default of its code
 
 
 class RunLost(RunError):
     """The handler lost the run and it could not be reopened under its key."""
 
-    code = ErrorCode.UNKNOWN_RUN
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=False)
+    code = ErrorCode.UNKNOWN_RUN  # not retryable: the default of its code
 
 
 @dataclass(slots=True)
