@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 
+from rlmq.protocol import tracing
 from rlmq.protocol.security import CurveError, server_keys_from_env
 
 from .config import ConfigError, load_config
@@ -44,21 +45,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve only calls that name a run opened on this handler (the same as [handler] "
         "allow_anonymous = false; the default refuses them only when CURVE keys are set)",
     )
+    parser.add_argument(
+        "--metrics-bind",
+        metavar="HOST:PORT",
+        default=None,
+        help="also serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (port 0 picks a free "
+        "port; the URL is printed before the ready line). docs/observability.md lists them",
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        default=None,
+        help="export OpenTelemetry spans (one rlmq.complete per call, a child of the caller's span) "
+        "over OTLP/HTTP to URL, e.g. http://127.0.0.1:4318; needs pip install 'rlmq[otel]'. Default: off",
+    )
 
 
-async def _serve(handler: Handler) -> None:
+async def _serve(handler: Handler, metrics_bind: str | None = None) -> None:
     await handler.start()
-    # The one line scripts wait for: the address is final only after bind.
-    print(f"lmhandler ready on {handler.address}", flush=True)
-    for extra in handler.addresses[1:]:
-        log.info("lmhandler also listening on %s", extra)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("signal received, shutting down")
-    await handler.stop()
+    metrics = None
+    try:
+        if metrics_bind is not None:
+            from .metrics import start_metrics  # prometheus-client and aiohttp only when asked for
+
+            metrics = await start_metrics(handler, metrics_bind)
+            print(f"lmhandler metrics on {metrics.url}", flush=True)
+        # The one line scripts wait for: the address is final only after bind.
+        print(f"lmhandler ready on {handler.address}", flush=True)
+        for extra in handler.addresses[1:]:
+            log.info("lmhandler also listening on %s", extra)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received, shutting down")
+    finally:
+        if metrics is not None:
+            await metrics.stop()
+        await handler.stop()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,12 +104,16 @@ def main(args: argparse.Namespace) -> int:
     if args.no_anonymous:
         config = dataclasses.replace(config, allow_anonymous=False)
     try:
+        if args.otlp_endpoint is not None:
+            tracing.configure(service="rlmq-handler", endpoint=args.otlp_endpoint)
         handler = Handler(config, curve=curve)
-        asyncio.run(_serve(handler))
+        asyncio.run(_serve(handler, args.metrics_bind))
     except (ConfigError, CurveError) as exc:
         log.error("%s", exc.message)
         return 2
     except OSError as exc:
         log.error("cannot start the handler on %s: %s", config.bind, exc)
         return 1
+    finally:
+        tracing.shutdown()  # sends the spans still batched
     return 0

@@ -1,15 +1,24 @@
-"""Counters the handler reports through the ``stats`` op."""
+"""Counters the handler reports through the ``stats`` op and ``/metrics``, and the span of a call."""
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelStats", "ServerStats", "percentiles"]
+from rlmq.protocol import CompleteRequest, tracing
+
+__all__ = ["LATENCY_BUCKETS_MS", "ModelStats", "ServerStats", "percentiles", "trace_complete"]
 
 LATENCY_WINDOW = 10_000
+# Upper bounds of the latency histogram (what /metrics shows as rlmq_handler_request_duration_seconds):
+# from the handler's own cost on an offline backend (well under 1 ms) to a long provider answer.
+LATENCY_BUCKETS_MS = (
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
+    1_000.0, 2_500.0, 5_000.0, 10_000.0, 30_000.0, 60_000.0, 120_000.0,
+)  # fmt: skip
 
 
 def percentiles(samples: deque[float] | list[float]) -> dict[str, float]:
@@ -40,6 +49,16 @@ class ModelStats:
     output_tokens: int = 0
     cost_usd: float = 0.0
     latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    # Counts per bucket of LATENCY_BUCKETS_MS (the last one: above them all), and their sum:
+    # a histogram since start, where latency_ms is a recent window for the percentiles.
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    latency_sum_ms: float = 0.0
+
+    def observe_latency(self, ms: float) -> None:
+        """One answered call's latency, for the percentiles and the histogram."""
+        self.latency_ms.append(ms)
+        self.latency_buckets[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+        self.latency_sum_ms += ms
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -68,3 +87,22 @@ class ServerStats:
     by_op: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
+
+
+def trace_complete(
+    req: CompleteRequest, started: float, *, cached: bool = False, error: str | None = None
+) -> None:
+    """Record the ``rlmq.complete`` span of a call that ended now (when tracing is on), a child
+    of the caller's span when the request carried a ``trace``."""
+    tracing.record(
+        "rlmq.complete",
+        started=started,
+        parent=req.trace,
+        attributes={
+            "rlmq.model": req.model,
+            "rlmq.run": req.run,
+            "rlmq.depth": req.depth,
+            "rlmq.cached": cached,
+        },
+        error=error,
+    )

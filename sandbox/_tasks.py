@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["Background", "Stats", "mark_retrieved", "percentiles"]
+__all__ = [
+    "EXEC_BUCKETS_MS",
+    "OPEN_BUCKETS_MS",
+    "Background",
+    "Histogram",
+    "Stats",
+    "mark_retrieved",
+    "percentiles",
+]
 
 T = TypeVar("T")
 
@@ -47,8 +56,31 @@ class Background:
         self._executor.shutdown(wait=True)
 
 
+# Upper bounds of the duration histograms /metrics shows (rlmq_pool_*_duration_seconds).
+EXEC_BUCKETS_MS = (
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
+    1_000.0, 2_500.0, 5_000.0, 10_000.0, 30_000.0, 60_000.0, 120_000.0, 300_000.0,
+)  # fmt: skip
+OPEN_BUCKETS_MS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0)
+
+
+class Histogram:
+    """Counts of observations per fixed bucket (the last: above every bound), and their sum."""
+
+    __slots__ = ("bounds_ms", "counts", "sum_ms")
+
+    def __init__(self, bounds_ms: tuple[float, ...]) -> None:
+        self.bounds_ms = bounds_ms
+        self.counts = [0] * (len(bounds_ms) + 1)
+        self.sum_ms = 0.0
+
+    def observe(self, ms: float) -> None:
+        self.counts[bisect_left(self.bounds_ms, ms)] += 1
+        self.sum_ms += ms
+
+
 class Stats:
-    """Counters and recent latencies, shown by the ``stats`` op."""
+    """Counters, recent latencies (the ``stats`` op's percentiles) and histograms (/metrics)."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
@@ -56,9 +88,21 @@ class Stats:
         self.errors: dict[str, int] = {}
         self.open_ms: deque[float] = deque(maxlen=1000)
         self.exec_ms: deque[float] = deque(maxlen=1000)
+        self.open_histogram = Histogram(OPEN_BUCKETS_MS)
+        self.exec_histogram = Histogram(EXEC_BUCKETS_MS)
 
     def inc(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
+
+    def observe_open(self, ms: float) -> None:
+        """How long opening a session took."""
+        self.open_ms.append(ms)
+        self.open_histogram.observe(ms)
+
+    def observe_exec(self, ms: float) -> None:
+        """How long an exec took, as its caller waited for it (a timeout's or a death's included)."""
+        self.exec_ms.append(ms)
+        self.exec_histogram.observe(ms)
 
 
 def percentiles(values: deque[float]) -> dict[str, float]:

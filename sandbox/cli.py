@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 
-from rlmq.protocol import RlmqError
+from rlmq.protocol import RlmqError, tracing
 from rlmq.protocol.security import CurveError, client_keys_from_env, server_keys_from_env
 
 from .config import ConfigError, build_config, load_table
@@ -45,15 +45,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(a private view of the filesystem). [sandbox] network = true gives workers the network "
         "back. docs/security.md says what each level stops",
     )
+    parser.add_argument(
+        "--metrics-bind",
+        metavar="HOST:PORT",
+        default=None,
+        help="also serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (port 0 picks a free "
+        "port; the URL is printed before the ready line). docs/observability.md lists them",
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        default=None,
+        help="export OpenTelemetry spans over OTLP/HTTP to URL, e.g. http://127.0.0.1:4318 (sub-calls "
+        "carry the exec's trace to the handler either way); needs pip install 'rlmq[otel]'. Default: off",
+    )
 
 
-async def _serve(pool: Pool) -> None:
+async def _serve(pool: Pool, metrics_bind: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    metrics = None
     try:
         await pool.start()
+        if metrics_bind is not None:
+            from .metrics import start_metrics  # prometheus-client and aiohttp only when asked for
+
+            metrics = await start_metrics(pool, metrics_bind)
+            print(f"sandbox metrics on {metrics.url}", flush=True)
         waiter = asyncio.ensure_future(stop.wait())
         ready = asyncio.ensure_future(pool.wait_ready())
         await asyncio.wait({waiter, ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -66,6 +86,8 @@ async def _serve(pool: Pool) -> None:
             ready.cancel()
         log.info("signal received, shutting down")
     finally:
+        if metrics is not None:
+            await metrics.stop()
         await pool.stop()
 
 
@@ -90,11 +112,18 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", exc.message)
         return 2
     try:
-        asyncio.run(_serve(pool))
+        if args.otlp_endpoint is not None:
+            tracing.configure(service="rlmq-sandbox", endpoint=args.otlp_endpoint)
+        asyncio.run(_serve(pool, args.metrics_bind))
+    except ConfigError as exc:  # --otlp-endpoint, --metrics-bind
+        log.error("%s", exc.message)
+        return 2
     except RlmqError as exc:
         log.error("the sandbox pool failed: %s", exc.message)
         return 1
     except OSError as exc:
         log.error("cannot start the sandbox pool on %s: %s", config.bind, exc)
         return 1
+    finally:
+        tracing.shutdown()  # sends the spans still batched
     return 0
