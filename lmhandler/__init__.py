@@ -2,7 +2,8 @@
 
 Budgets, caching, retries, pacing and usage counters are enforced here, for every orchestrator
 and sandbox that shares it. Rooms: ``transport`` (the ROUTER socket), ``pipeline`` (what every
-``complete`` goes through), ``server`` (the ``Handler``: life cycle and the other ops).
+``complete`` goes through), ``server`` (the ``Handler``: life cycle and the other ops),
+``state`` (runs, budgets, pacing and cache: in-process, or in Redis shared by several handlers).
 
 Errors (each carries the wire ``code`` it is answered with)::
 
@@ -19,6 +20,7 @@ Errors (each carries the wire ``code`` it is answered with)::
         ├── BudgetExceeded          budget_exceeded (accounting)
         ├── RunClosed               run_closed (accounting)
         ├── CircuitOpen             unavailable: the provider looks down (shaping)
+        ├── StateUnavailable        unavailable: the shared state (Redis) did not answer in time (state)
         └── BackendError            the provider's failure mapped to a code (backends.base):
                                     rate_limited, backend_error, timeout, overloaded,
                                     unauthorized, bad_request, script_exhausted, ...
@@ -28,7 +30,7 @@ from rlmq.protocol import ConfigError
 
 from .accounting import BudgetExceeded, RunClosed
 from .backends.base import BackendError
-from .config import HandlerConfig, ModelConfig, load_config, parse_config
+from .config import HandlerConfig, ModelConfig, StateConfig, load_config, parse_config
 from .errors import (
     AnonymousRefused,
     HandlerError,
@@ -41,6 +43,7 @@ from .errors import (
 )
 from .server import Handler
 from .shaping import CircuitOpen
+from .state import StateUnavailable
 
 __all__ = [
     "AnonymousRefused",
@@ -57,6 +60,8 @@ __all__ = [
     "RequestTimeout",
     "RunClosed",
     "ShuttingDown",
+    "StateConfig",
+    "StateUnavailable",
     "UnknownModel",
     "UnknownRun",
     "load_config",

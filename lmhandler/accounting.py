@@ -21,7 +21,15 @@ from rlmq.protocol import ErrorCode, RunLimits, RunUsage, Usage
 
 from .errors import HandlerError, UnknownRun
 
-__all__ = ["BudgetExceeded", "Run", "RunClosed", "RunTable"]
+__all__ = [
+    "BudgetExceeded",
+    "Run",
+    "RunClosed",
+    "RunTable",
+    "not_yours_message",
+    "refusal_message",
+    "unknown_run_message",
+]
 
 # Closed runs are remembered so late sub-calls get `run_closed`, and so `usage` still answers.
 MAX_CLOSED_RUNS = 10_000
@@ -70,10 +78,10 @@ class Run:
     def usage(self) -> Usage:
         return Usage(self.input_tokens, self.output_tokens, self.cache_read_tokens, self.cache_write_tokens)
 
-    def _refuse(self, limit: str, message: str) -> BudgetExceeded:
+    def _refuse(self, limit: str, used: float) -> BudgetExceeded:
         if self.exceeded is None:
             self.exceeded = limit
-        return BudgetExceeded(limit, f"run {self.id!r}: {message}")
+        return BudgetExceeded(limit, f"run {self.id!r}: {refusal_message(limit, self.limits, used)}")
 
     def admit(self) -> None:
         """Check the limits and reserve one call, or raise ``BudgetExceeded``/``RunClosed``."""
@@ -81,24 +89,15 @@ class Run:
             raise RunClosed(f"run {self.id!r} is closed")
         lim = self.limits
         if lim.deadline_s is not None and time.monotonic() - self.opened >= lim.deadline_s:
-            raise self._refuse("deadline_s", f"deadline of {lim.deadline_s:g} s has passed")
+            raise self._refuse("deadline_s", 0)
         if lim.max_calls is not None and self.calls >= lim.max_calls:
-            raise self._refuse("max_calls", f"call limit of {lim.max_calls} reached")
+            raise self._refuse("max_calls", self.calls)
         if lim.max_input_tokens is not None and self.input_tokens >= lim.max_input_tokens:
-            raise self._refuse(
-                "max_input_tokens",
-                f"input token limit of {lim.max_input_tokens} reached ({self.input_tokens} used)",
-            )
+            raise self._refuse("max_input_tokens", self.input_tokens)
         if lim.max_output_tokens is not None and self.output_tokens >= lim.max_output_tokens:
-            raise self._refuse(
-                "max_output_tokens",
-                f"output token limit of {lim.max_output_tokens} reached ({self.output_tokens} used)",
-            )
+            raise self._refuse("max_output_tokens", self.output_tokens)
         if lim.max_cost_usd is not None and self.cost_usd >= lim.max_cost_usd:
-            raise self._refuse(
-                "max_cost_usd",
-                f"cost limit of ${lim.max_cost_usd:g} reached (${self.cost_usd:.6g} spent)",
-            )
+            raise self._refuse("max_cost_usd", self.cost_usd)
         self.calls += 1
         self.in_flight += 1
 
@@ -169,7 +168,7 @@ class RunTable:
         (and a closed one opened again) only by a caller showing that key: ``UnknownRun``."""
         held = self.find(run_id)
         if held is not None and held.key != key:
-            raise UnknownRun(_not_yours(run_id))
+            raise UnknownRun(not_yours_message(run_id))
         self.closed.pop(run_id, None)
         run = self.open.get(run_id)
         if run is None:
@@ -182,7 +181,7 @@ class RunTable:
         """The run of this id (open, or closed and remembered); ``UnknownRun`` when there is none."""
         run = self.open.get(run_id) or self.closed.get(run_id)
         if run is None:
-            raise UnknownRun(_unknown(run_id))
+            raise UnknownRun(unknown_run_message(run_id))
         return run
 
     def held(self, run_id: str, key: str | None) -> Run:
@@ -190,9 +189,9 @@ class RunTable:
         forgotten, lost with a restart, or held under another key)."""
         run = self.open.get(run_id) or self.closed.get(run_id)
         if run is None:
-            raise UnknownRun(_unknown(run_id))
+            raise UnknownRun(unknown_run_message(run_id))
         if run.key is not None and run.key != key:
-            raise UnknownRun(_not_yours(run_id))
+            raise UnknownRun(not_yours_message(run_id))
         return run
 
     def find(self, run_id: str) -> Run | None:
@@ -211,12 +210,25 @@ class RunTable:
         return run
 
 
-def _unknown(run_id: str) -> str:
+def refusal_message(limit: str, lim: RunLimits, used: float) -> str:
+    """Why ``limit`` refuses a call, ``used`` being what the run has spent of it."""
+    if limit == "deadline_s":
+        return f"deadline of {lim.deadline_s:g} s has passed"
+    if limit == "max_calls":
+        return f"call limit of {lim.max_calls} reached"
+    if limit == "max_input_tokens":
+        return f"input token limit of {lim.max_input_tokens} reached ({int(used)} used)"
+    if limit == "max_output_tokens":
+        return f"output token limit of {lim.max_output_tokens} reached ({int(used)} used)"
+    return f"cost limit of ${lim.max_cost_usd:g} reached (${used:.6g} spent)"
+
+
+def unknown_run_message(run_id: str) -> str:
     return (
         f"run {run_id!r} is not open on this handler (never opened, or lost when the handler "
-        "restarted); open it with run_open first"
+        "restarted with in-process state); open it with run_open first"
     )
 
 
-def _not_yours(run_id: str) -> str:
+def not_yours_message(run_id: str) -> str:
     return f"run {run_id!r} is held by another client: the request does not show the run's key"

@@ -1,7 +1,10 @@
-"""A bounded in-memory response cache per model, keyed on the request's content.
+"""A response cache per model, keyed on the request's content.
 
-Identical requests in flight at the same time are coalesced: the first one goes to the backend,
-the others wait for its result (single flight), so a burst of duplicates costs one call.
+In-process state keeps the entries here (bounded, least recently used out first); shared state
+keeps them in its ``CacheStore`` (Redis, with a TTL: shared by every handler, surviving
+restarts), and this object only coalesces. Identical requests in flight at the same time in one
+handler are coalesced: the first one goes to the backend, the others wait for its result
+(single flight), so a burst of duplicates costs one call.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections import OrderedDict
 from rlmq.protocol import ChatMessage, pack
 
 from .backends.base import Completion
+from .state.base import CacheStore
 
 __all__ = ["ResponseCache", "cache_key"]
 
@@ -32,8 +36,9 @@ def cache_key(
 
 
 class ResponseCache:
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, store: CacheStore | None = None) -> None:
         self.max_entries = max_entries
+        self.store = store  # None: the entries live here
         self._entries: OrderedDict[bytes, Completion] = OrderedDict()
         self._in_flight: dict[bytes, asyncio.Future[Completion]] = {}
         self.hits = 0
@@ -46,6 +51,14 @@ class ResponseCache:
         hit = self._entries.get(key)
         if hit is not None:
             self._entries.move_to_end(key)
+            self.hits += 1
+        return hit
+
+    async def fetch(self, key: bytes) -> Completion | None:
+        """A hit from the store (shared state only)."""
+        assert self.store is not None
+        hit = await self.store.get(key)
+        if hit is not None:
             self.hits += 1
         return hit
 
@@ -62,7 +75,7 @@ class ResponseCache:
     def end(self, key: bytes, result: Completion | None) -> None:
         """Finish a call begun with ``begin``: store and share its result, or let waiters retry."""
         future = self._in_flight.pop(key, None)
-        if result is not None:
+        if result is not None and self.store is None:
             self._entries[key] = result
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:

@@ -27,6 +27,7 @@ __all__ = [
     "ConfigError",
     "HandlerConfig",
     "ModelConfig",
+    "StateConfig",
     "default_context_window",
     "is_loopback_url",
     "load_config",
@@ -38,6 +39,7 @@ HTTP_BACKENDS = frozenset({"anthropic", "openai"})
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 # Tables of the shared rlmq.toml that other services read and validate.
 OTHER_TABLES = frozenset({"sandbox", "run", "serve"})
+HANDLER_TABLES = frozenset({"models", "handler", "state"})
 # echo and script are not a provider to protect: let them run as wide as the handler allows.
 OFFLINE_CONCURRENCY = 100_000
 # The variable an HTTP backend reads its key from when the config names none and talks to the
@@ -184,6 +186,44 @@ class ModelConfig:
         ) / 1_000_000
 
 
+STATE_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """``[state]``: where budgets, pacing, the response cache and finished replies live.
+
+    No ``url``: in this process (the default; nothing to install, lost with the process). A
+    ``redis://HOST:PORT/DB`` url: in Redis, shared by every handler given the same url and
+    surviving their restarts (docs/state.md)."""
+
+    url: str | None = None
+    key_prefix: str = "rlmq:"  # every key starts with it: several deployments may share a Redis
+    timeout_s: float = 2.0  # bound on each Redis operation, queueing in a burst included
+    connect_timeout_s: float = 2.0
+    max_connections: int = 64  # per handler process
+    cache_ttl_s: float = 86_400.0  # Redis: how long a cached response lives
+    replay_ttl_s: float = 600.0  # a finished reply is replayed to a re-sent request id this long; 0: off
+    replay_entries: int = 100_000  # in-process: at most this many finished replies are remembered
+    closed_run_ttl_s: float = 86_400.0  # Redis: a closed run (its totals) is remembered this long
+    run_ttl_s: float = 7 * 86_400.0  # Redis: an open run no call has used for this long is dropped
+
+    @property
+    def shared(self) -> bool:
+        return self.url is not None
+
+    def redacted_url(self) -> str:
+        """The url without its password, fit for logs and errors."""
+        if self.url is None:
+            return "<in-process>"
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        return parts._replace(netloc=user + netloc).geturl()
+
+
 @dataclass(frozen=True, slots=True)
 class HandlerConfig:
     models: Mapping[str, ModelConfig]
@@ -197,11 +237,36 @@ class HandlerConfig:
     # Calls that name no run (load tests, direct users): None decides by the endpoint, on for
     # loopback and ipc, off when the handler has CURVE keys (docs/security.md).
     allow_anonymous: bool | None = None
+    state: StateConfig = field(default_factory=StateConfig)  # [state]: in-process unless a url is set
     source: str = "<memory>"
 
 
 _MODEL_KINDS = field_kinds(ModelConfig, exclude=("alias", "api_key"))
-_HANDLER_KINDS = field_kinds(HandlerConfig, exclude=("models", "source", "also_bind"))
+_HANDLER_KINDS = field_kinds(HandlerConfig, exclude=("models", "source", "also_bind", "state"))
+_STATE_KINDS = field_kinds(StateConfig)
+
+
+def _state(table: Any, source: str) -> StateConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{source}: [state] must be a table")
+    check_table(table, _STATE_KINDS, where="state", source=source, error=ConfigError)
+    url = table.get("url")
+    if url is not None:
+        scheme = urlsplit(url).scheme
+        if scheme not in STATE_SCHEMES:
+            raise ConfigError(
+                f"{source}: [state] url {url!r} is not a Redis url; expected redis://HOST:PORT/DB "
+                "(or rediss://, unix://), or no url for in-process state"
+            )
+    for key in ("timeout_s", "connect_timeout_s", "cache_ttl_s", "closed_run_ttl_s", "run_ttl_s"):
+        if key in table and table[key] <= 0:
+            raise ConfigError(f"{source}: [state] {key} must be positive")
+    if table.get("replay_ttl_s", 0) < 0:
+        raise ConfigError(f"{source}: [state] replay_ttl_s must be 0 (off) or positive")
+    for key in ("max_connections", "replay_entries"):
+        if key in table and table[key] < 1:
+            raise ConfigError(f"{source}: [state] {key} must be at least 1")
+    return StateConfig(**table)
 
 
 def _model(alias: str, table: Any, source: str, env: Mapping[str, str]) -> ModelConfig:
@@ -248,10 +313,10 @@ def parse_config(
     """Build a ``HandlerConfig`` from an already parsed TOML document. ``env`` resolves the
     ``api_key_env`` names; ``None`` is an empty environment (no keys)."""
     env = {} if env is None else env
-    unknown = sorted(set(data) - {"models", "handler", *OTHER_TABLES})
+    unknown = sorted(set(data) - HANDLER_TABLES - OTHER_TABLES)
     if unknown:
         raise ConfigError(
-            f"{source}: unknown top-level table {unknown[0]!r}; expected [models.*], [handler], "
+            f"{source}: unknown top-level table {unknown[0]!r}; expected [models.*], [handler], [state], "
             + ", ".join(f"[{t}]" for t in sorted(OTHER_TABLES))
         )
     models_table = data.get("models")
@@ -262,7 +327,8 @@ def parse_config(
     if not isinstance(handler, Mapping):
         raise ConfigError(f"{source}: [handler] must be a table")
     check_table(handler, _HANDLER_KINDS, where="handler", source=source, error=ConfigError)
-    return HandlerConfig(models=models, source=source, **handler)
+    state = _state(data.get("state", {}), source)
+    return HandlerConfig(models=models, source=source, state=state, **handler)
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str]) -> HandlerConfig:

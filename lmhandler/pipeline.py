@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from time import monotonic
 from typing import Any
 
-from rlmq.protocol import CompleteRequest, ErrorCode, RlmqError, Usage
+from rlmq.protocol import CompleteRequest, ErrorCode, RlmqError, Usage, tracing
 from rlmq.protocol.codec import encode_complete_reply
 
 from .accounting import Run, RunTable
@@ -54,7 +54,8 @@ from .errors import (
 )
 from .pacing import TokenBucket
 from .shaping import AdaptiveLimit, CircuitBreaker, CircuitOpen, RetryBudget
-from .stats import ModelStats, ServerStats
+from .state import Admission, MemoryState, Pacer, State
+from .stats import ModelStats, ServerStats, trace_complete
 
 __all__ = ["Model", "Pipeline", "too_large_message"]
 
@@ -88,7 +89,7 @@ def too_large_message(alias: str, chars: int, window: int) -> str:
 class Model:
     """A configured alias with everything the pipeline keeps for it."""
 
-    def __init__(self, config: ModelConfig, backend: Backend) -> None:
+    def __init__(self, config: ModelConfig, backend: Backend, state: State | None = None) -> None:
         self.config = config
         self.backend = backend
         # In flight to the provider: starts at max_concurrency, shrinks when 429/529s dominate.
@@ -97,9 +98,18 @@ class Model:
             threshold=config.breaker_threshold, cooldown_s=config.breaker_cooldown_s
         )
         self.retry_budget = RetryBudget(config.retry_budget_ratio)
-        self.cache = ResponseCache(config.cache_entries) if config.cache_entries > 0 else None
-        self.rpm = TokenBucket(config.rpm) if config.rpm else None
-        self.tpm = TokenBucket(config.tpm) if config.tpm else None
+        # Shared state paces and caches for every handler of its store; in-process, this one alone.
+        shared = state if state is not None and not state.local else None
+        self.cache: ResponseCache | None = None
+        if config.cache_entries > 0:
+            store = shared.cache(config.alias, config.cache_entries) if shared is not None else None
+            self.cache = ResponseCache(config.cache_entries, store)
+        self.rpm: Pacer | None = None
+        self.tpm: Pacer | None = None
+        if config.rpm:
+            self.rpm = shared.pacer(config.alias, "rpm", config.rpm) if shared else TokenBucket(config.rpm)
+        if config.tpm:
+            self.tpm = shared.pacer(config.alias, "tpm", config.tpm) if shared else TokenBucket(config.tpm)
         self.stats = ModelStats()
         prices = (
             config.price_in_per_mtok,
@@ -109,7 +119,8 @@ class Model:
         )
         self._free = not any(prices)  # cost is 0 whatever the usage: skip the arithmetic
         # Stepped inline in the receive loop rather than started as a task (see the docstring).
-        self.inline = backend.answers_at_once
+        # Never with shared state: it waits for Redis at once, and its timeouts need a task.
+        self.inline = backend.answers_at_once and shared is None
         # Breaker, adaptive concurrency and retry budget protect a provider; an offline backend
         # has none, unless its concurrency was limited on purpose (a load test of the queue).
         self.shaped = backend.has_provider or config.max_concurrency < OFFLINE_CONCURRENCY
@@ -137,7 +148,7 @@ class Model:
 class _Call:
     """One ``complete`` on its way through the pipeline."""
 
-    __slots__ = ("booked", "deadline", "envelope", "model", "req", "run", "slot", "started", "task")
+    __slots__ = ("booked", "deadline", "envelope", "model", "req", "run", "shared", "slot", "started", "task")
 
     def __init__(self, envelope: list[Any], req: CompleteRequest, model: Model, booked: Run | None) -> None:
         self.envelope = envelope
@@ -149,6 +160,7 @@ class _Call:
         self.task: asyncio.Task[None] | None = None  # None while stepped inline
         self.deadline: float | None = None  # set while the call is relayed (retries included)
         self.slot: int | None = None  # its place in the deadline wheel, once a task runs it
+        self.shared = False  # reserved in its run in the shared state, which must be told how it ended
 
 
 @types.coroutine
@@ -190,11 +202,21 @@ class Pipeline:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         allow_anonymous: bool = True,
+        state: State | None = None,
     ) -> None:
         self.config = config
         self.allow_anonymous = allow_anonymous
         self.models = models
         self.runs = runs
+        if state is None:
+            st = config.state
+            state = MemoryState(runs, replay_ttl_s=st.replay_ttl_s, replay_entries=st.replay_entries)
+        self.state = state
+        # In-process state is called directly (plain functions: the zero-latency path); shared
+        # state through its async interface, one round trip at admission and one at the end.
+        self._shared = None if state.local else state
+        self._replays = state.replays if isinstance(state, MemoryState) else None
+        self.replayed = 0  # re-sent requests answered with the reply of their finished call
         self.stats = stats
         self._loop = loop
         self._reply = reply
@@ -220,12 +242,20 @@ class Pipeline:
             return
         booked: Run | None = None
         if req.run is not None:
-            # One dict lookup and a key comparison: a run is spent only by whoever holds it.
-            try:
-                booked = self.runs.held(req.run, req.key)
-            except HandlerError as exc:
-                self._fail(envelope, req.id, exc)
-                return
+            if self._shared is None:
+                # One dict lookup and a key comparison: a run is spent only by whoever holds it.
+                try:
+                    booked = self.runs.held(req.run, req.key)
+                except HandlerError as exc:
+                    self._fail(envelope, req.id, exc)
+                    return
+                # A re-sent request whose call finished: its reply again, not a second call.
+                if self._replays is not None:
+                    kept = self._replays.get(req.run, req.id, req.model)
+                    if kept is not None:
+                        self.replayed += 1
+                        self._reply(envelope, kept)
+                        return
         elif not self.allow_anonymous:
             self._fail(envelope, req.id, AnonymousRefused(_ANONYMOUS_OFF))
             return
@@ -264,7 +294,9 @@ class Pipeline:
         mstats.in_flight += 1
         mstats.requests += 1
         try:
-            if model.cache is None:  # _relay without the cache, one coroutine layer fewer
+            if self._shared is not None:
+                payload = await self._complete_shared(call, self._shared)
+            elif model.cache is None:  # _relay without the cache, one coroutine layer fewer
                 completion, retries = await self._attempts(call, self._admit(call))
                 payload = self._account(call, completion, retries)
             else:
@@ -286,7 +318,12 @@ class Pipeline:
         if call.run is not None:  # admitted: the run counts it as a failed call
             call.run.finish(None, 0.0)
             call.run = None
+        elif call.shared:  # the same in the shared state, without holding up the error reply
+            call.shared = False
+            self._settle_failed(call)
         call.model.stats.errors[exc.code] += 1
+        if tracing.enabled():
+            trace_complete(call.req, call.started, error=exc.code)
         self._fail(call.envelope, call.req.id, exc)
 
     async def _through_cache(self, call: _Call, cache: ResponseCache) -> Payload:
@@ -320,22 +357,23 @@ class Pipeline:
             cache.end(key, completion)
         return self._account(call, completion, retries)
 
-    def _admit(self, call: _Call) -> BackendRequest:
+    def _admit(self, call: _Call, admitted: Admission | None = None) -> BackendRequest:
         """Refuse a prompt over the model's window (PromptTooLarge, before anything is reserved);
         reserve the call in its run (``max_calls`` holds exactly however many are in flight),
-        or raise BudgetExceeded / RunClosed; clamp max_tokens and the timeout to what it has left."""
+        or raise BudgetExceeded / RunClosed; clamp max_tokens and the timeout to what it has left.
+        ``admitted``: the shared state has done the window check and the reservation already."""
         model, req = call.model, call.req
         cfg = model.config
-        if model.window_chars is not None:
-            chars = sum(len(m.content) for m in req.messages)
-            if chars > model.window_chars:
-                raise PromptTooLarge(too_large_message(cfg.alias, chars, cfg.context_window_tokens))
-        max_tokens = req.max_tokens or cfg.max_tokens
-        timeout_s = req.timeout_s or cfg.timeout_s
-        run = call.booked
-        if run is not None:
-            max_tokens, timeout_s = run.admit_call(max_tokens, timeout_s)
-            call.run = run
+        if admitted is None:
+            _check_window(model, req)
+            max_tokens = req.max_tokens or cfg.max_tokens
+            timeout_s = req.timeout_s or cfg.timeout_s
+            run = call.booked
+            if run is not None:
+                max_tokens, timeout_s = run.admit_call(max_tokens, timeout_s)
+                call.run = run
+        else:
+            max_tokens, timeout_s = admitted.max_tokens, admitted.timeout_s
         call.deadline = call.started + timeout_s
         if model.shaped:
             model.retry_budget.on_request(call.started)
@@ -346,21 +384,112 @@ class Pipeline:
         model = call.model
         usage = completion.usage
         cost = model.cost_usd(usage)
-        if call.run is not None:
-            call.run.finish(usage, cost)
+        run = call.run
+        if run is not None:
+            run.finish(usage, cost)
             call.run = None
         mstats = model.stats
         mstats.input_tokens += usage.input_tokens
         mstats.output_tokens += usage.output_tokens
         mstats.cost_usd += cost
-        return self._encode(call, completion, usage, cached=False, retries=retries)
+        payload = self._encode(call, completion, usage, cached=False, retries=retries, cost_usd=cost)
+        if run is not None and self._replays is not None:  # kept for a re-send of the same id
+            self._replays.put(run.id, call.req.id, call.req.model, payload)
+        return payload
+
+    # ------------------------------------------------------------ shared state
+
+    async def _complete_shared(self, call: _Call, state: State) -> Payload:
+        """The same path with the run in shared state: the cache (if any), then admission in one
+        round trip (it finds a finished reply of a re-sent id, or reserves the call), the
+        backend, and settlement in one more before the reply goes out."""
+        model, req = call.model, call.req
+        cache, key = model.cache, b""
+        if cache is not None:
+            key = cache_key(
+                model.config.alias, req.messages, req.max_tokens or model.config.max_tokens, req.temperature
+            )
+            hit = await cache.fetch(key)
+            if hit is None and (pending := cache.pending(key)) is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    hit = await asyncio.shield(pending)
+            if hit is not None:
+                if req.run is not None:  # free, but the run must be open and held
+                    await state.admit_cached(req.run, req.key)
+                model.stats.cache_hits += 1
+                return self._encode(call, hit, Usage(), cached=True, retries=0)
+        _check_window(model, req)
+        admitted = Admission(
+            req.max_tokens or model.config.max_tokens, req.timeout_s or model.config.timeout_s
+        )
+        if req.run is not None:
+            admitted = await state.admit(
+                req.run, req.key, req.id, req.model, admitted.max_tokens, admitted.timeout_s
+            )
+            if admitted.replay is not None:
+                self.replayed += 1
+                return admitted.replay
+            call.shared = True
+        backend_req = self._admit(call, admitted)
+        completion: Completion | None = None
+        if cache is not None:
+            cache.begin(key)
+        try:
+            completion, retries = await self._attempts(call, backend_req)
+        finally:
+            if cache is not None:
+                cache.end(key, completion)
+                if completion is not None and cache.store is not None:
+                    self._spawn(cache.store.put(key, completion), "storing a cached response")
+        payload = self._account(call, completion, retries)
+        if call.shared:
+            call.shared = False
+            usage = completion.usage
+            try:
+                await state.settle(
+                    req.run or "", req.id, req.model, usage, model.cost_usd(usage), bytes(payload)
+                )
+            except HandlerError as exc:
+                # The answer is paid for and good: give it. The run's reservation expires at the
+                # call's deadline and counts as a failed call; its tokens are not counted.
+                log.warning("usage of call %s in run %r not recorded: %s", req.id, req.run, exc.message)
+        return payload
+
+    def _settle_failed(self, call: _Call) -> None:
+        assert self._shared is not None
+        req = call.req
+        self._spawn(
+            self._shared.settle(req.run or "", req.id, req.model, None, 0.0, None), f"settling {req.id}"
+        )
+
+    def _spawn(self, op: Coroutine[Any, Any, None], what: str) -> None:
+        """Run a shared-state update nobody waits for (bounded by the state's timeout)."""
+
+        async def run() -> None:
+            try:
+                await op
+            except HandlerError as exc:
+                log.warning("%s failed: %s", what, exc.message)
+
+        task = self._loop.create_task(run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _encode(
-        self, call: _Call, completion: Completion, usage: Usage, *, cached: bool, retries: int
+        self,
+        call: _Call,
+        completion: Completion,
+        usage: Usage,
+        *,
+        cached: bool,
+        retries: int,
+        cost_usd: float = 0.0,
     ) -> Payload:
         """The encoded ``CompleteReply`` (built straight to bytes: one per model call)."""
         latency_ms = (monotonic() - call.started) * 1000.0
-        call.model.stats.latency_ms.append(latency_ms)
+        call.model.stats.observe_latency(latency_ms)
+        if tracing.enabled():
+            trace_complete(call.req, call.started, cached=cached)
         return encode_complete_reply(
             call.req.id,
             completion.text,
@@ -370,6 +499,7 @@ class Pipeline:
             retries=retries,
             latency_ms=round(latency_ms, 3),
             stop_reason=completion.stop_reason,
+            cost_usd=round(cost_usd, 9),
         )
 
     async def _attempts(self, call: _Call, req: BackendRequest) -> tuple[Completion, int]:
@@ -459,6 +589,15 @@ class Pipeline:
             return retry_after_s * self._rng.uniform(1.0, 1.1)
         ceiling = min(self.config.retry_max_s, self.config.retry_base_s * (2**attempt))
         return self._rng.uniform(ceiling / 2, ceiling)
+
+
+def _check_window(model: Model, req: CompleteRequest) -> None:
+    """Refuse a prompt over the model's context window (never sent, nothing reserved)."""
+    if model.window_chars is not None:
+        chars = sum(len(m.content) for m in req.messages)
+        if chars > model.window_chars:
+            cfg = model.config
+            raise PromptTooLarge(too_large_message(cfg.alias, chars, cfg.context_window_tokens))
 
 
 def _check_breaker(model: Model) -> None:

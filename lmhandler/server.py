@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import zmq
@@ -59,6 +59,7 @@ from .backends import Backend, make_backend
 from .config import OFFLINE_CONTEXT_WINDOW_TOKENS, HandlerConfig
 from .errors import AnonymousRefused, HandlerError
 from .pipeline import Model, Pipeline
+from .state import MemoryState, State, StateUnavailable, make_state
 from .stats import ServerStats
 from .transport import Payload, RouterTransport, restore_gc, tune_gc
 
@@ -96,6 +97,25 @@ class Handler:
         self.models: dict[str, Model] = {}
         self._windows: dict[str, int] = {}  # what ping tells workers, so they refuse oversized prompts
         self.runs = RunTable()
+        # Runs, budgets, finished replies, pacing and cache: in this process, or in Redis shared
+        # with every handler of the same [state] url (lmhandler.state).
+        self.state: State = (
+            MemoryState(
+                self.runs, replay_ttl_s=config.state.replay_ttl_s, replay_entries=config.state.replay_entries
+            )
+            if config.state.url is None
+            else make_state(config.state)
+        )
+        # Ops answered in a task when the state is shared (they wait for it); None: all inline.
+        self._async_ops: dict[type, Callable[[Any], Awaitable[Reply]]] | None = None
+        if not self.state.local:
+            self._async_ops = {
+                StatsRequest: self._stats_shared,
+                RunOpenRequest: self._run_open_shared,
+                RunCloseRequest: self._run_close_shared,
+                UsageRequest: self._usage_shared,
+            }
+        self._op_tasks: set[asyncio.Task[None]] = set()
         self.stats = ServerStats()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -111,10 +131,14 @@ class Handler:
     # ------------------------------------------------------------ life cycle
 
     async def start(self) -> str:
-        """Create backends, bind, and start serving in the background; returns the bound address."""
+        """Create backends, bind, and start serving in the background; returns the bound address.
+
+        A handler configured for shared state does not start without it: ``ConfigError`` naming
+        the url, never a silent fall back to state of its own."""
+        await self.state.start()
         for alias, model_config in self.config.models.items():
             backend = self._backends.get(alias) or make_backend(model_config)
-            self.models[alias] = Model(model_config, backend)
+            self.models[alias] = Model(model_config, backend, self.state)
             problem = model_config.key_problem()
             if problem is not None:  # said again on first use, where the call fails (or goes keyless)
                 log.warning("%s", problem)
@@ -144,6 +168,7 @@ class Handler:
             reply=self._send_payload,
             fail=self._send_error,
             allow_anonymous=self.allow_anonymous,
+            state=self.state,
         )
         self.transport = RouterTransport(sock, loop, self._on_message)
         self.transport.start()
@@ -186,6 +211,9 @@ class Handler:
                 if pending:
                     await asyncio.wait(pending)
             self.pipeline.close()
+        if self._op_tasks:  # run_open/usage/... waiting on the shared state: bounded by its timeout
+            await asyncio.wait(set(self._op_tasks))
+        await self.state.aclose()
         if self.transport is not None:
             self.transport.flush()  # the last replies, "unavailable" ones included
         for model in self.models.values():
@@ -226,6 +254,8 @@ class Handler:
             if type(request) is CompleteRequest:
                 assert self.pipeline is not None
                 self.pipeline.submit(envelope, request)
+            elif self._async_ops is not None and type(request) in self._async_ops:
+                self._start_op(envelope, request, self._async_ops[type(request)])
             else:
                 self._send_payload(envelope, encode(self._dispatch[type(request)](request)))
         except ProtocolError as exc:
@@ -242,6 +272,24 @@ class Handler:
             rid = peek_id(payload.buffer) if request is None else request.id
             if rid is not None:
                 self._send_error(envelope, rid, HandlerError(f"internal error in the handler ({where})"))
+
+    def _start_op(self, envelope: list[Any], request: Any, op: Callable[[Any], Awaitable[Reply]]) -> None:
+        """Answer an op that waits on the shared state, in a task of its own."""
+
+        async def answer() -> None:
+            try:
+                self._send_payload(envelope, encode(await op(request)))
+            except HandlerError as exc:  # unknown_run, unavailable, ...
+                self._send_error(envelope, request.id, exc)
+            except Exception:  # the op's boundary: an internal error reply, the loop lives on
+                log.exception("handling a message failed (op %s)", request.OP)
+                self._send_error(
+                    envelope, request.id, HandlerError(f"internal error in the handler (op {request.OP})")
+                )
+
+        task = asyncio.get_running_loop().create_task(answer())
+        self._op_tasks.add(task)
+        task.add_done_callback(self._op_tasks.discard)
 
     def _send_payload(self, envelope: list[Any], payload: Payload) -> None:
         self.stats.replied += 1
@@ -265,7 +313,7 @@ class Handler:
             context_windows=self._windows,
         )
 
-    def _stats(self, req: StatsRequest) -> Reply:
+    def _stats(self, req: StatsRequest, runs_open: int | None = None) -> StatsReply:
         s = self.stats
         return StatsReply(
             req.id,
@@ -277,7 +325,9 @@ class Handler:
                 "in_flight": s.in_flight,
                 "by_op": dict(s.by_op),
                 "errors": dict(s.errors),
-                "runs_open": len(self.runs.open),
+                "runs_open": len(self.runs.open) if runs_open is None else runs_open,
+                "replayed": self.pipeline.replayed if self.pipeline is not None else 0,
+                "state": "memory" if self.state.local else "redis",
                 "models": {alias: m.to_wire() for alias, m in self.models.items()},
             },
         )
@@ -297,3 +347,23 @@ class Handler:
     def _usage(self, req: UsageRequest) -> Reply:
         # Read-only, so no key: a run's totals are not a way to spend it.
         return RunUsageReply(req.id, self.runs.get(req.run).snapshot())
+
+    # The same ops when the state is shared: they wait for it, in a task (``_start_op``).
+
+    async def _stats_shared(self, req: StatsRequest) -> Reply:
+        try:
+            runs_open = await self.state.runs_open()
+        except StateUnavailable:
+            runs_open = -1  # stats still answer while the shared state is away
+        return self._stats(req, runs_open)
+
+    async def _run_open_shared(self, req: RunOpenRequest) -> Reply:
+        if req.key is None and not self.allow_anonymous:
+            self._run_open(req)  # raises AnonymousRefused, in the same words
+        return RunUsageReply(req.id, await self.state.run_open(req.run, req.limits, req.key))
+
+    async def _run_close_shared(self, req: RunCloseRequest) -> Reply:
+        return RunUsageReply(req.id, await self.state.run_close(req.run, req.key))
+
+    async def _usage_shared(self, req: UsageRequest) -> Reply:
+        return RunUsageReply(req.id, await self.state.usage(req.run))

@@ -118,16 +118,20 @@ async def running_handler(
     backends: Mapping[str, Backend] | None = None,
     context: zmq.asyncio.Context | None = None,
     env: Mapping[str, str] | None = None,
+    state: Mapping[str, Any] | None = None,
     **handler_settings: Any,
 ) -> AsyncIterator[Handler]:
     """A handler serving in this event loop on a free port, stopped on exit.
 
-    ``env`` stands in for the environment when resolving ``api_key_env`` (default: empty).
+    ``env`` stands in for the environment when resolving ``api_key_env`` (default: empty);
+    ``state`` is the ``[state]`` table (``{"url": "redis://..."}``; default: in-process).
     """
     if isinstance(models, HandlerConfig):
         config = models
     else:
-        table = {"models": dict(models), "handler": {"bind": bind, **handler_settings}}
+        table: dict[str, Any] = {"models": dict(models), "handler": {"bind": bind, **handler_settings}}
+        if state is not None:
+            table["state"] = dict(state)
         config = parse_config(table, env=env or {})
     handler = Handler(config, backends=backends, context=context)
     await handler.start()

@@ -114,6 +114,7 @@ def encode_complete_reply(
     retries: int,
     latency_ms: float,
     stop_reason: str | None,
+    cost_usd: float = 0.0,
 ) -> bytes | memoryview:
     """``encode(CompleteReply(...))`` without building the dataclass and its nested maps first:
     the handler sends one of these per model call. Same bytes (a test keeps it so); a view of
@@ -135,6 +136,8 @@ def encode_complete_reply(
         "latency_ms": latency_ms,
         "stop_reason": stop_reason,
     }
+    if cost_usd:
+        wire["cost_usd"] = cost_usd
     if len(text) < LARGE_REPLY_CHARS or not _PRESIZED or not text.isascii():  # isascii: a flag
         data: bytes = _packb(wire, use_bin_type=True)
         return data

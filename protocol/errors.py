@@ -71,6 +71,7 @@ class ErrorCode(StrEnum):
     SESSION_LOST = "session_lost"  # the worker died and no replacement could be started
     POOL_EXHAUSTED = "pool_exhausted"  # no worker became ready within open_timeout_s
     RLM_FAILED = "rlm_failed"  # a child run (rlm_query) failed
+    NOT_RECORDED = "not_recorded"  # a replayed exec made a sub-call the recording has no answer for
 
 
 _RETRYABLE = frozenset(

@@ -217,6 +217,8 @@ class CompleteRequest:
     # The run's key, when the run was opened with one: a run with a key is spent only by
     # callers that show it (docs/protocol.md, "Run keys").
     key: str | None = None
+    # W3C traceparent of the caller's span (rlmq.protocol.tracing); absent when tracing is off.
+    trace: str | None = None
 
     OP: ClassVar[str] = "complete"
 
@@ -234,6 +236,7 @@ class CompleteRequest:
                 "run": self.run,
                 "depth": self.depth,
                 "key": self.key,
+                "trace": self.trace,
             }
         )
 
@@ -268,6 +271,7 @@ class CompleteRequest:
             run=opt_string(d, "run", rid),
             depth=opt_int(d, "depth", rid) or 0,
             key=opt_string(d, "key", rid),
+            trace=opt_string(d, "trace", rid),
         )
 
 
@@ -277,10 +281,8 @@ class CompleteRequest:
 _new = object.__new__
 _set_role = ChatMessage.__dict__["role"].__set__
 _set_content = ChatMessage.__dict__["content"].__set__
-_CR_SETTERS = tuple(
-    CompleteRequest.__dict__[name].__set__
-    for name in ("id", "model", "messages", "max_tokens", "temperature", "timeout_s", "run", "depth", "key")
-)
+# In field order (the order of __slots__), which _complete_fast unpacks.
+_CR_SETTERS = tuple(CompleteRequest.__dict__[name].__set__ for name in CompleteRequest.__slots__)
 _ROLES = ChatMessage.ROLES
 
 
@@ -346,8 +348,13 @@ def _complete_fast(d: Mapping[str, Any], rid: str) -> CompleteRequest | None:
     key = get("key")
     if key is not None and type(key) is not str:
         return None
+    trace = get("trace")
+    if trace is not None and type(trace) is not str:
+        return None
     req: CompleteRequest = _new(CompleteRequest)
-    s_id, s_model, s_messages, s_max_tokens, s_temperature, s_timeout_s, s_run, s_depth, s_key = _CR_SETTERS
+    s_id, s_model, s_messages, s_max_tokens, s_temperature, s_timeout_s, s_run, s_depth, s_key, s_trace = (
+        _CR_SETTERS
+    )
     s_id(req, rid)
     s_model(req, model)
     s_messages(req, messages)
@@ -357,6 +364,7 @@ def _complete_fast(d: Mapping[str, Any], rid: str) -> CompleteRequest | None:
     s_run(req, run)
     s_depth(req, depth)
     s_key(req, key)
+    s_trace(req, trace)
     return req
 
 
@@ -481,20 +489,28 @@ class CompleteReply:
     retries: int = 0
     latency_ms: float = 0.0
     stop_reason: str | None = None
+    # The handler answered a re-sent request id whose call had already finished, from the reply it
+    # kept: nothing was sent or counted again (added within version 1; sent only when true).
+    replayed: bool = False
+    # What the handler charged the run for this call, in USD, by the model's configured prices
+    # (added within version 1; sent only when not 0: no prices, a cached or a replayed answer).
+    cost_usd: float = 0.0
 
     def to_wire(self) -> Wire:
-        return _ok(
-            self.id,
-            {
-                "text": self.text,
-                "model": self.model,
-                "usage": self.usage.to_wire(),
-                "cached": self.cached,
-                "retries": self.retries,
-                "latency_ms": self.latency_ms,
-                "stop_reason": self.stop_reason,
-            },
-        )
+        body: Wire = {
+            "text": self.text,
+            "model": self.model,
+            "usage": self.usage.to_wire(),
+            "cached": self.cached,
+            "retries": self.retries,
+            "latency_ms": self.latency_ms,
+            "stop_reason": self.stop_reason,
+        }
+        if self.cost_usd:
+            body["cost_usd"] = self.cost_usd
+        if self.replayed:
+            body["replayed"] = True
+        return _ok(self.id, body)
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> CompleteReply:
@@ -508,6 +524,8 @@ class CompleteReply:
             retries=opt_int(d, "retries", rid) or 0,
             latency_ms=opt_float(d, "latency_ms", rid) or 0.0,
             stop_reason=opt_string(d, "stop_reason", rid),
+            replayed=d.get("replayed", False) is True,
+            cost_usd=opt_float(d, "cost_usd", rid) or 0.0,
         )
 
 
