@@ -10,9 +10,11 @@
   model call and every exec) plus what was seen since (this client's replies, the execs'
   ``llm_calls``).
 - A call refused with ``unknown_run`` means the handler no longer holds the run (it restarted,
-  or forgot it): the run is reopened, under the same key, with what is left of each limit, and
-  the call sent again. Nothing left, or the run taken by someone else: the run fails with a typed
-  error (``BudgetSpent``, code ``budget_exceeded``; ``RunLost``, code ``unknown_run``). Never
+  or forgot it). When a handler of the front still holds it (shared state: every handler sees
+  the run, its limits and its usage), the call is only sent again. Otherwise the run is
+  reopened, under the same key, with what is left of each limit, and the call sent again.
+  Nothing left, or the run taken by someone else: the run fails with a typed error
+  (``BudgetSpent``, code ``budget_exceeded``; ``RunLost``, code ``unknown_run``). Never
   unlimited.
 - ``run_close`` and ``usage`` answer the whole run's totals, every handler incarnation included.
 
@@ -43,7 +45,7 @@ from rlmq.protocol import (
     RunUsage,
     Usage,
 )
-from rlmq.protocol.sandbox import AsyncSandboxClient, ExecResult, ToolCallback
+from rlmq.protocol.sandbox import AsyncSandboxClient, ExecResult, Replay, SubCall, ToolCallback
 
 from .errors import RunError
 from .interfaces import RlmCallback, SandboxSession
@@ -222,6 +224,8 @@ class GuardedModels:
         async with book.lock:
             if book.generation != generation:
                 return  # another call of this run reopened it already
+            if await self._still_held(run):
+                return  # shared state: the run is whole; reopening would double-count its usage
             used = book.used()
             limits, spent = self._left(book, used)
             if spent is not None:
@@ -245,6 +249,19 @@ class GuardedModels:
                 run,
                 limits.to_wire(),
             )
+
+    async def _still_held(self, run: str) -> bool:
+        """Whether a handler of the front holds the run after all. With shared state (Redis) a
+        run outlives any one handler, and the ``unknown_run`` came from a moment of doubt (a
+        handler starting, a re-send racing the run's open): the call is only sent again. With
+        in-process state the restarted handler knows nothing of it, and the run is reopened."""
+        try:
+            await self.client.usage(run)
+        except RemoteError as exc:
+            if exc.code == ErrorCode.UNKNOWN_RUN:
+                return False
+            raise
+        return True
 
     def _left(self, book: _Book, used: _Totals) -> tuple[RunLimits, str | None]:
         """What is left of each limit, and the first one with nothing left (None: all have some)."""
@@ -327,8 +344,18 @@ class _GuardedSession:
         self._models = models
         self._run = run
 
-    async def exec(self, code: str) -> ExecResult:
-        result = await self._session.exec(code)
+    async def exec(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        on_sub_call: Callable[[SubCall], None] | None = None,
+        record_chars: int | None = None,
+        replay: Replay | None = None,
+    ) -> ExecResult:
+        result = await self._session.exec(
+            code, timeout_s=timeout_s, on_sub_call=on_sub_call, record_chars=record_chars, replay=replay
+        )
         self._models.note_sub_calls(self._run, result.llm_calls)
         await self._models.refresh(self._run)
         return result

@@ -1,10 +1,13 @@
 """The handler's clients: ``AsyncHandlerClient`` (asyncio, for orchestrators and tools) and
 ``HandlerClient`` (blocking, for sandbox workers whose model code calls ``llm_query``).
 
-Both use one DEALER socket (``dealer.py``), many requests in flight on it, and match replies to
-requests by ``id``. They share one core, ``_HandlerCalls``: how each request is built and how a
-reply becomes a result or an exception. Only the waiting differs. Every wait has a timeout; an
-error reply is raised as ``RemoteError`` with the peer's code, message and retryable flag.
+Both take one handler address or several, comma-separated (``"A,B,C"``): one DEALER per address
+(``front.py``), requests spread over the handlers that are up, and a request whose handler went
+away sent again, same id, to another one (or to the same address once it is back). Many
+requests are in flight at once and replies are matched to requests by ``id``. They share one
+core, ``_HandlerCalls``: how each request is built and how a reply becomes a result or an
+exception; only the waiting differs. Every wait has a timeout; an error reply is raised as
+``RemoteError`` with the peer's code, message and retryable flag.
 """
 
 from __future__ import annotations
@@ -14,14 +17,24 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import zmq
 import zmq.asyncio
 
 from .codec import decode_reply, encode
-from .dealer import AsyncDealer, RequestIds, configure_socket, read_reply
+from .dealer import RequestIds, configure_socket, read_reply
 from .errors import DecodeError, RemoteError, TransportTimeout
+from .front import (
+    Front,
+    Link,
+    front_socket,
+    monitor_event,
+    reconnect,
+    send_now,
+    send_now_async,
+    split_addresses,
+)
 from .messages import (
     ChatMessage,
     CompleteReply,
@@ -40,7 +53,8 @@ from .messages import (
     StatsRequest,
     UsageRequest,
 )
-from .security import CurveClientKeys, connect
+from .security import CurveClientKeys
+from .tracing import current_traceparent
 
 __all__ = ["AsyncHandlerClient", "HandlerClient", "as_messages", "configure_socket"]
 
@@ -49,6 +63,11 @@ DEFAULT_TIMEOUT_S = 300.0
 # `timeout` reply wins over the client's TransportTimeout.
 TIMEOUT_MARGIN_S = 5.0
 R = TypeVar("R", bound=Reply)
+# How often requests parked for want of a usable connection are tried again.
+_RETRY_PARKED_S = 0.25
+_RETRY_PARKED_MS = 250
+# Replies taken from one socket before the others get a turn.
+_DRAIN = 256
 
 
 def as_messages(
@@ -119,11 +138,13 @@ class _HandlerCalls:
             run=run,
             depth=self.depth if depth is None else depth,
             key=None if run is None else self._run_keys.get(run),
+            trace=current_traceparent(),  # None (and nothing sent) when tracing is off
         )
 
 
-class AsyncHandlerClient(AsyncDealer, _HandlerCalls):
-    """An asyncio client of the handler; safe to share between tasks of one event loop."""
+class AsyncHandlerClient(_HandlerCalls):
+    """An asyncio client of one handler or several (``"A,B,C"``); safe to share between tasks
+    of one event loop."""
 
     def __init__(
         self,
@@ -135,46 +156,106 @@ class AsyncHandlerClient(AsyncDealer, _HandlerCalls):
         depth: int = 0,
         curve: CurveClientKeys | None = None,
     ) -> None:
-        super().__init__(address, context=context, timeout_s=timeout_s, curve=curve)
+        self.address = address
+        self.addresses = split_addresses(address)
+        self.timeout_s = timeout_s
         self.run = run
         self.depth = depth
         self._run_keys = {}
+        self._ids = RequestIds()
+        self._own_context = context is None
+        self._ctx = context or zmq.asyncio.Context()
+        self._curve = curve
+        self._front: Front[str] = Front(_links(self._ctx, self.addresses, curve), send_now_async, self._reset)
         self._pending: dict[str, tuple[asyncio.Future[Reply], str]] = {}
+        self._tasks: list[asyncio.Task[None]] = []  # started by the first request
+        self._closed = False
 
-    async def _read(self) -> None:
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def resent(self) -> int:
+        """Requests sent again because their handler went away."""
+        return self._front.resent
+
+    def live(self) -> list[str]:
+        """The addresses of the handlers whose connection is up now."""
+        return [link.address for link in self._front.live()]
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for link in self._front.links:
+            self._tasks.append(loop.create_task(self._read(link)))
+            self._tasks.append(loop.create_task(self._watch(link)))
+        self._tasks.append(loop.create_task(self._retry_parked()))
+
+    async def _read(self, link: Link) -> None:
+        sock = link.sock
         while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            obj = read_reply(frames[-1].buffer, self.address)
-            if obj is None:
-                continue
-            rid = obj.get("id")
-            entry = self._pending.pop(rid, None) if isinstance(rid, str) else None
-            if entry is None:
-                continue  # late reply to a request that already timed out
-            future, op = entry
-            if not future.done():
-                try:
-                    future.set_result(decode_reply(obj, op))
-                except Exception as exc:
-                    future.set_exception(exc)
+            self._on_reply(link, await sock.recv_multipart(copy=False))
+
+    def _on_reply(self, link: Link, frames: list[zmq.Frame]) -> None:
+        obj = read_reply(frames[-1].buffer, link.address)
+        if obj is None:
+            return
+        rid = obj.get("id")
+        if not isinstance(rid, str) or self._front.done(rid) is None:
+            return  # a late reply, or a second one to a request that was sent again
+        entry = self._pending.pop(rid, None)
+        if entry is None:
+            return
+        future, op = entry
+        if not future.done():
+            try:
+                future.set_result(decode_reply(obj, op))
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _reset(self, link: Link) -> None:
+        # The handler went down: take the replies it sent before it went (a non-blocking recv on
+        # an asyncio socket is done at once), then drop what is queued for it.
+        while True:
+            fut = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            if fut.exception() is not None:
+                break
+            self._on_reply(link, fut.result())
+        reconnect(link, self._curve)
+
+    async def _watch(self, link: Link) -> None:
+        while True:
+            assert link.monitor is not None  # every link of this client has one
+            self._front.event(link, monitor_event(await link.monitor.recv_multipart()))
+
+    async def _retry_parked(self) -> None:
+        # A request parked because its handler's connection was not usable at the very moment it
+        # was sent (a handshake the socket has not caught up with) is tried again shortly.
+        while True:
+            await asyncio.sleep(_RETRY_PARKED_S)
+            self._front.flush()
 
     async def request(self, req: Request, *, timeout_s: float | None = None) -> Reply:
         """Send one request and wait for its reply; raises ``RemoteError`` on an error reply."""
         if self._closed:
             raise RuntimeError("client is closed")
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+        if not self._tasks:
+            self._start()
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[req.id] = (future, req.OP)
-        await self._sock.send(encode(req), copy=False)
+        self._front.send(req.id, (encode(req),))
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            self._pending.pop(req.id, None)
             raise TransportTimeout(
                 f"no reply to {req.OP} {req.id} from {self.address} within {timeout:g} s"
             ) from None
+        finally:
+            if self._pending.pop(req.id, None) is not None:  # timed out or cancelled
+                self._front.done(req.id)
         return _raise_for(reply)
 
     async def complete(
@@ -223,20 +304,36 @@ class AsyncHandlerClient(AsyncDealer, _HandlerCalls):
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+                await task
         for future, _ in self._pending.values():
             if not future.done():
                 future.set_exception(RuntimeError("client closed"))
                 future.exception()  # mark retrieved: nobody may be waiting any more
         self._pending.clear()
-        self._close_socket()
+        self._front.close()
+        if self._own_context:
+            self._ctx.term()
+
+
+def _links(ctx: zmq.Context[Any], addresses: Sequence[str], curve: CurveClientKeys | None) -> list[Link]:
+    links: list[Link] = []
+    try:
+        for address in addresses:
+            links.append(Link(address, *front_socket(ctx, address, curve)))
+    except BaseException:
+        for link in links:
+            link.close()
+        raise
+    return links
 
 
 class HandlerClient(_HandlerCalls):
-    """A blocking client for code that is not async (sandbox workers).
+    """A blocking client of one handler or several (``"A,B,C"``), for code that is not async
+    (sandbox workers, tools).
 
     ``complete_many`` sends every request before waiting for any reply, so a batch of N
     sub-calls takes about as long as the slowest one. A lock makes it safe from several threads.
@@ -254,7 +351,8 @@ class HandlerClient(_HandlerCalls):
         sock: zmq.Socket[Any] | None = None,
     ) -> None:
         """``sock``: a DEALER already connected to ``address`` (a sandbox worker connects its
-        own, with its routing id, before it drops privileges); the client then owns it."""
+        own, with its routing id, before it drops privileges); the client then owns it and
+        takes it as always up (its peer, the pool's relay, lives as long as the worker)."""
         self.address = address
         self.timeout_s = timeout_s
         self.run = run
@@ -262,11 +360,27 @@ class HandlerClient(_HandlerCalls):
         self._run_keys = {}
         self._own_context = context is None and sock is None
         self._ctx: zmq.Context[Any] = context or (sock.context if sock is not None else zmq.Context())
-        if sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            configure_socket(sock)
-            connect(sock, address, curve)  # CURVE on TCP when keys are given
-        self._sock: zmq.Socket[Any] = sock
+        if sock is not None:
+            links = [Link(address, sock, None)]
+        else:
+            try:
+                links = _links(self._ctx, split_addresses(address), curve)
+            except BaseException:
+                if self._own_context:
+                    self._ctx.term()
+                raise
+        self._curve = curve
+        self._ops: dict[str, str] = {}  # the batch being waited for: id -> op
+        self._replies: dict[str, Reply] = {}
+        self._front: Front[str] = Front(links, send_now, self._reset)
+        self._poller = zmq.Poller()
+        self._sockets: dict[Any, tuple[Link, bool]] = {}  # socket -> (its link, is it the monitor)
+        for link in links:
+            self._poller.register(link.sock, zmq.POLLIN)
+            self._sockets[link.sock] = (link, False)
+            if link.monitor is not None:
+                self._poller.register(link.monitor, zmq.POLLIN)
+                self._sockets[link.monitor] = (link, True)
         self._ids = RequestIds()
         self._lock = threading.Lock()
 
@@ -276,31 +390,79 @@ class HandlerClient(_HandlerCalls):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def resent(self) -> int:
+        """Requests sent again because their handler went away."""
+        return self._front.resent
+
+    def live(self) -> list[str]:
+        """The addresses of the handlers whose connection was up at the last call."""
+        return [link.address for link in self._front.live()]
+
     def request_many(self, reqs: Sequence[Request], *, timeout_s: float | None = None) -> list[Reply]:
         """Send all, then collect replies in request order. Error replies are returned, not raised."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        ops = {r.id: r.OP for r in reqs}
-        replies: dict[str, Reply] = {}
+        front = self._front
         with self._lock:
-            for r in reqs:
-                self._sock.send(encode(r), copy=False)
-            deadline = time.monotonic() + timeout
-            while len(replies) < len(ops):
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0 or not self._sock.poll(left_ms, zmq.POLLIN):
-                    missing = len(ops) - len(replies)
-                    raise TransportTimeout(
-                        f"{missing} of {len(ops)} replies from {self.address} missing after {timeout:g} s"
-                    )
-                frames = self._sock.recv_multipart(copy=False)
-                obj = read_reply(frames[-1].buffer, self.address)
-                if obj is None:
-                    continue
-                rid = obj.get("id")
-                if isinstance(rid, str) and rid in ops and rid not in replies:
-                    replies[rid] = decode_reply(obj, ops[rid])
-                # anything else is a late reply to an earlier, timed-out request: dropped
+            ops = self._ops = {r.id: r.OP for r in reqs}
+            replies = self._replies = {}
+            try:
+                self._poll(0)  # monitor events since the last call: who is up now
+                for r in reqs:
+                    front.send(r.id, (encode(r),))
+                deadline = time.monotonic() + timeout
+                while len(replies) < len(ops):
+                    left_ms = int((deadline - time.monotonic()) * 1000)
+                    if left_ms <= 0:
+                        missing = len(ops) - len(replies)
+                        raise TransportTimeout(
+                            f"{missing} of {len(ops)} replies from {self.address} missing after {timeout:g} s"
+                        )
+                    if not self._poll(min(left_ms, _RETRY_PARKED_MS)):
+                        front.flush()  # a quiet moment: parked requests, if any, try again
+            finally:
+                for rid in ops:
+                    front.done(rid)  # replied ones are gone already; the rest are given up
+                self._ops, self._replies = {}, {}
         return [replies[r.id] for r in reqs]
+
+    def _poll(self, timeout_ms: int) -> bool:
+        """Handle what is ready within ``timeout_ms``: replies, and monitor events into the
+        front. False when nothing was."""
+        ready = self._poller.poll(timeout_ms)
+        for sock, _ in ready:
+            link, is_monitor = self._sockets[sock]
+            if is_monitor:
+                while True:
+                    try:
+                        msg = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._front.event(link, monitor_event(msg))
+            else:
+                self._drain(link, _DRAIN)
+        return bool(ready)
+
+    def _drain(self, link: Link, most: int) -> None:
+        for _ in range(most):
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            obj = read_reply(frames[-1].buffer, link.address)
+            if obj is None:
+                continue
+            rid = obj.get("id")
+            if isinstance(rid, str) and rid in self._ops and self._front.done(rid) is not None:
+                self._replies[rid] = decode_reply(obj, self._ops[rid])
+            # anything else is a late reply to an earlier, timed-out request, or a second reply
+            # to one that was sent again: dropped
+
+    def _reset(self, link: Link) -> None:
+        # The handler went down: take the replies it sent before it went, then drop what is
+        # queued for it.
+        self._drain(link, 1 << 30)
+        reconnect(link, self._curve)
 
     def request(self, req: Request, *, timeout_s: float | None = None) -> Reply:
         return _raise_for(self.request_many([req], timeout_s=timeout_s)[0])
@@ -340,6 +502,6 @@ class HandlerClient(_HandlerCalls):
         return _expect(self.request(UsageRequest(self.new_id(), run)), RunUsageReply).run
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        self._front.close()
         if self._own_context:
             self._ctx.term()

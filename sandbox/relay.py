@@ -41,7 +41,10 @@ import zmq
 
 from rlmq.protocol import ErrorCode, ErrorReply, ProtocolError, pack, peek_id, unpack
 from rlmq.protocol.client import configure_socket
-from rlmq.protocol.security import CurveClientKeys, connect
+from rlmq.protocol.front import Front, Link, front_socket, monitor_event, reconnect, send_now, split_addresses
+from rlmq.protocol.security import CurveClientKeys
+
+from .recording import ExecRecording
 
 __all__ = ["Stamp", "SubCallRelay"]
 
@@ -49,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # Messages taken from one socket before the others get a turn.
 _BATCH = 256
+# How often calls given up are forgotten by the upstream side, and parked ones tried again.
+_SWEEP_S = 1.0
 
 # A request still unanswered after this long is taken as lost (its handler died before replying)
 # and stops counting against max_batch. Well past the handler's own deadline for a call (120 s by
@@ -71,6 +76,9 @@ class Stamp:
     max_calls: int  # sub-calls per exec (llm_query prompts and rlm_query calls)
     max_batch: int  # llm_query calls in flight at once
     calls: int = 0
+    # Per exec, set by the pool's loop (single attribute writes, read once per message here):
+    trace: str | None = None  # a W3C traceparent put on every complete the relay sends on
+    recording: ExecRecording | None = None  # records the exec's sub-calls, answers its replay
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self, n: int = 1) -> bool:
@@ -185,7 +193,11 @@ class SubCallRelay:
             control.close(linger=0)
             return
         self._front = front
-        self._upstreams: dict[str, zmq.Socket[Any]] = {}
+        # One front per upstream string ("A" or "A,B,C"): a DEALER and a monitor per handler, and
+        # the calls in flight with their frames, sent again, same id, when their handler goes.
+        self._upstreams: dict[str, Front[tuple[bytes, str]]] = {}
+        # an upstream socket -> its front, its link, and whether it is the link's monitor
+        self._links: dict[Any, tuple[Front[tuple[bytes, str]], Link, bool]] = {}
         self._poller = zmq.Poller()
         self._poller.register(front, zmq.POLLIN)
         self._poller.register(control, zmq.POLLIN)
@@ -195,19 +207,60 @@ class SubCallRelay:
         except zmq.ZMQError as exc:
             log.debug("sub-call relay %s ended: %s", self.address, exc)
         finally:
-            for sock in (front, control, *self._upstreams.values()):
+            for sock in (front, control):
                 sock.close(linger=0)
+            for upstream in self._upstreams.values():
+                upstream.close()
 
     def _serve(self, front: zmq.Socket[Any], control: zmq.Socket[Any]) -> None:
+        next_sweep = time.monotonic() + _SWEEP_S
         while True:
-            ready = dict(self._poller.poll())
+            ready = dict(self._poller.poll(int(_SWEEP_S * 1000)))
             if control in ready:
                 return
             for sock in ready:
                 if sock is front:
                     self._drain(front, self._from_worker)
                 elif sock is not control:
-                    self._drain(sock, self._from_handler)
+                    upstream, link, is_monitor = self._links[sock]
+                    if is_monitor:
+                        self._drain(sock, lambda msg, u=upstream, k=link: u.event(k, monitor_event(msg)))
+                    else:
+                        self._drain(sock, lambda frames, u=upstream: self._upstream_reply(u, frames))
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + _SWEEP_S
+                for upstream in self._upstreams.values():
+                    upstream.expire(now - LOST_AFTER_S)  # their workers struck them off already
+                    upstream.flush()  # parked for want of a usable connection: try again
+
+    def _upstream_reply(self, upstream: Front[tuple[bytes, str]], frames: list[zmq.Frame]) -> None:
+        """A handler's reply: struck off its front's calls in flight and passed on, once. A second
+        reply to a call that was sent again (or one to a call given up) is dropped here."""
+        rid = peek_id(frames[-1].buffer)
+        if rid is None or upstream.done((frames[0].bytes, rid)) is None:
+            self.dropped += 1
+            return
+        self._from_handler(frames)
+
+    def _upstream_reset(self, link: Link) -> None:
+        # The handler went down: pass on the replies it sent before it went, then drop what is
+        # still queued for it (its calls are sent again by the front).
+        upstream = self._links[link.sock][0]
+        while True:
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                self._upstream_reply(upstream, frames)
+            except Exception:  # the loop boundary, as in _drain
+                log.exception("the sub-call relay failed on a message")
+        reconnect(link, self.curve)
+
+    def _upstream_send(self, address: str, ident: bytes, rid: str, payload: bytes) -> None:
+        """Send a worker's request to one of ``address``'s handlers, keeping it until its reply."""
+        self._upstream(address).send((ident, rid), (ident, payload))
 
     @staticmethod
     def _drain(sock: zmq.Socket[Any], handle: Any) -> None:
@@ -224,19 +277,32 @@ class SubCallRelay:
     def _from_handler(self, frames: list[zmq.Frame]) -> None:
         # [worker routing id, reply]: the handler echoed the envelope the relay sent.
         slot = self._workers.get(frames[0].bytes)
+        recording = slot.stamp.recording if slot is not None and slot.stamp is not None else None
+        if recording is not None:  # recorded before the worker has the answer, so before its result
+            recording.reply(frames[-1].buffer)
         if slot is not None and slot.pending:
             slot.done(peek_id(frames[-1].buffer))
         self._front.send_multipart(frames, copy=False)
 
-    def _upstream(self, address: str) -> zmq.Socket[Any]:
-        sock = self._upstreams.get(address)
-        if sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            configure_socket(sock)
-            connect(sock, address, self.curve)
-            self._upstreams[address] = sock
-            self._poller.register(sock, zmq.POLLIN)
-        return sock
+    def _upstream(self, address: str) -> Front[tuple[bytes, str]]:
+        upstream = self._upstreams.get(address)
+        if upstream is None:
+            links: list[Link] = []
+            try:
+                for one in split_addresses(address):
+                    links.append(Link(one, *front_socket(self._ctx, one, self.curve)))
+            except BaseException:
+                for link in links:
+                    link.close()
+                raise
+            upstream = Front(links, send_now, self._upstream_reset)
+            for link in links:
+                self._links[link.sock] = (upstream, link, False)
+                self._links[link.monitor] = (upstream, link, True)
+                self._poller.register(link.sock, zmq.POLLIN)
+                self._poller.register(link.monitor, zmq.POLLIN)
+            self._upstreams[address] = upstream
+        return upstream
 
     def _from_worker(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
@@ -267,7 +333,7 @@ class SubCallRelay:
                 self._refuse(ident, rid, ErrorCode.OVERLOADED, "too many pings in flight", retryable=True)
                 return
             slot.pending[rid] = (time.monotonic() + LOST_AFTER_S, False)
-            self._upstream(upstream).send_multipart([ident, payload], copy=False)
+            self._upstream_send(upstream, ident, rid, payload.bytes)
             return
         if op != "complete":
             self._refuse(
@@ -305,10 +371,20 @@ class SubCallRelay:
             obj.pop("key", None)
         else:
             obj["key"] = stamp.key
+        if stamp.trace is None:  # the exec's trace context, never one the code wrote
+            obj.pop("trace", None)
+        else:
+            obj["trace"] = stamp.trace
+        recording = stamp.recording
+        if recording is not None:
+            answer = recording.request(rid, obj)
+            if answer is not None:  # answered from the exec's replay list: nothing is sent
+                self._front.send_multipart([ident, answer], copy=False)
+                return
         self.relayed += 1
         slot.pending[rid] = (time.monotonic() + LOST_AFTER_S, True)
         slot.calls += 1
-        self._upstream(upstream).send_multipart([ident, pack(obj)], copy=False)
+        self._upstream_send(upstream, ident, rid, pack(obj))
 
     def _refuse(
         self, ident: bytes, rid: str | None, code: ErrorCode, message: str, *, retryable: bool = False

@@ -363,3 +363,33 @@ def _reads_environ(path: Path) -> bool:
         ):
             return True
     return False
+
+
+def test_connect_spreads_the_load_over_several_handlers() -> None:
+    with (
+        spawned_handler(echo_config(latency_ms=1), env=os.environ) as one,
+        spawned_handler(echo_config(latency_ms=1), env=os.environ) as two,
+    ):
+        done = loadtest(
+            "--connect",
+            f"{one.address},{two.address}",
+            "--model",
+            "echo",
+            "--requests",
+            "400",
+            "--concurrency",
+            "8",
+            "--no-run",  # each handler here keeps its own state: a run would live on one only
+            "--json",
+        )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] == 400
+    each = report["handlers"]
+    assert sorted(each) == sorted([one.address, two.address])
+    assert sum(h["ok"] for h in each.values()) == 400
+    assert all(h["ok"] > 0 for h in each.values())
+    # The total of the handlers' own counters is the sum of each one's.
+    assert report["handler"]["delta"]["received"] == sum(
+        h["handler"]["delta"]["received"] for h in each.values()
+    )

@@ -30,7 +30,12 @@ __all__ = ["add_arguments", "main"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--connect", metavar="ADDR", help="the handler to drive, e.g. tcp://127.0.0.1:5555")
+    target.add_argument(
+        "--connect",
+        metavar="ADDR",
+        help="the handler to drive, e.g. tcp://127.0.0.1:5555; several, comma-separated (A,B,C), "
+        "share the load (client processes spread over them) and are reported each and in total",
+    )
     target.add_argument(
         "--spawn",
         action="store_true",

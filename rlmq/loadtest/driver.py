@@ -24,8 +24,9 @@ from rlmq.protocol import (
     RunUsageReply,
     UsageRequest,
 )
+from rlmq.protocol.front import split_addresses
 
-from .report import build_report
+from .report import build_report, sum_stats
 from .spec import LoadSpec, LoadtestError, check_spec, payload_head
 from .worker import BOOT, WorkerSpec
 
@@ -99,18 +100,36 @@ def run_load(
     nproc = min(nproc, spec.concurrency)
 
     try:
+        addresses = split_addresses(spec.address)
+    except RlmqError as exc:
+        raise LoadtestError(exc.message) from None
+    if len(addresses) > 1:
+        # Every handler gets its own client processes (at least one each).
+        nproc = min(max(nproc, len(addresses)), spec.concurrency)
+    controls: dict[str, HandlerClient] = {}
+    try:
+        # The front (run open and close, shared state) and one client per handler (its stats).
         control = HandlerClient(spec.address, timeout_s=30.0, curve=spec.curve)
+        controls[spec.address] = control
+        for address in addresses if len(addresses) > 1 else ():
+            controls[address] = HandlerClient(address, timeout_s=30.0, curve=spec.curve)
     except zmq.ZMQError as exc:  # an address ZeroMQ cannot connect to at all
+        for c in controls.values():
+            c.close()
         raise LoadtestError(f"cannot connect to {spec.address}: {exc.strerror}") from None
+    each = {a: controls[a] for a in addresses} if len(addresses) > 1 else {addresses[0]: control}
     run_id = spec.run
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}
+    before_each: dict[str, dict[str, Any]] = {}
+    after_each: dict[str, dict[str, Any]] = {}
     run_usage: dict[str, Any] | None = None
     try:
-        try:
-            control.ping(timeout_s=10.0)
-        except RlmqError as exc:
-            raise LoadtestError(f"no handler answering at {spec.address}: {exc}") from None
+        for address, c in each.items():
+            try:
+                c.ping(timeout_s=10.0)
+            except RlmqError as exc:
+                raise LoadtestError(f"no handler answering at {address}: {exc}") from None
         open_run = open_run and handler_stats
         if open_run:
             run_id = run_id or f"loadtest-{os.getpid()}-{os.urandom(3).hex()}"
@@ -135,7 +154,7 @@ def run_load(
         worker_specs = [
             WorkerSpec(
                 index=i,
-                address=spec.address,
+                address=addresses[i % len(addresses)],
                 requests=requests[i],
                 duration_s=spec.duration_s,
                 concurrency=concurrency[i],
@@ -149,11 +168,13 @@ def run_load(
 
         def snapshot() -> None:
             if handler_stats:
-                before.update(control.stats())
+                before_each.update({a: c.stats() for a, c in each.items()})
+                before.update(sum_stats(list(before_each.values())))
 
         results = _run_workers(worker_specs, spec, env, progress, snapshot)
         if handler_stats:
-            after = control.stats()
+            after_each.update({a: c.stats() for a, c in each.items()})
+            after = sum_stats(list(after_each.values()))
             if run_id is not None:
                 with contextlib.suppress(RlmqError):
                     # A run this test opened is closed; one named with --run is only read.
@@ -164,8 +185,24 @@ def run_load(
                     if isinstance(reply, RunUsageReply):
                         run_usage = reply.run.to_wire()
     finally:
-        control.close()
-    return build_report(spec, nproc, results, before, after, run_usage, run_id)
+        for c in controls.values():
+            c.close()
+    report = build_report(spec, nproc, results, before, after, run_usage, run_id)
+    if len(addresses) > 1:
+        report["handlers"] = {
+            address: build_report(
+                dataclasses.replace(spec, address=address),
+                len(mine),
+                mine,
+                before_each.get(address, {}),
+                after_each.get(address, {}),
+                None,
+                run_id,
+            )
+            for address in addresses
+            if (mine := [r for ws, r in zip(worker_specs, results, strict=True) if ws.address == address])
+        }
+    return report
 
 
 def _run_workers(

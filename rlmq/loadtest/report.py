@@ -10,7 +10,7 @@ from typing import Any
 
 from .spec import CLIENT_TIMEOUT, LoadSpec
 
-__all__ = ["build_report", "format_report", "stats_delta", "summarize"]
+__all__ = ["build_report", "format_report", "stats_delta", "sum_stats", "summarize"]
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -51,6 +51,28 @@ def stats_delta(before: Any, after: Any) -> Any:
     prior = before if isinstance(before, int | float) and not isinstance(before, bool) else 0
     d = after - prior
     return round(d, 9) if isinstance(d, float) else d
+
+
+def sum_stats(each: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several handlers' ``stats`` as one: numbers added up, recursively; other values (and
+    percentiles, which do not add) taken from the first handler that has them."""
+    out: dict[str, Any] = {}
+    for stats in each:
+        for key, value in stats.items():
+            prior = out.get(key)
+            if key not in out:
+                out[key] = dict(value) if isinstance(value, Mapping) else value
+            elif isinstance(value, Mapping) and isinstance(prior, dict):
+                out[key] = sum_stats([prior, value])
+            elif (
+                key != "latency_ms"
+                and isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and isinstance(prior, int | float)
+                and not isinstance(prior, bool)
+            ):
+                out[key] = prior + value
+    return out
 
 
 def build_report(
@@ -152,6 +174,12 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(
             f"handler ms  p50 {hl.get('p50', 0):.3f}  p90 {hl.get('p90', 0):.3f}  "
             f"p99 {hl.get('p99', 0):.3f}  max {hl.get('max', 0):.3f}  (its own view, last 10k calls)"
+        )
+    for address, one in report.get("handlers", {}).items():
+        ol = one["latency_ms"]
+        lines.append(
+            f"  {address}  {one['ok']} ok, {sum(one['errors'].values())} errors, "
+            f"{one['throughput_rps']:,.0f} req/s, p50 {ol['p50']:.3f} ms, p99 {ol['p99']:.3f} ms"
         )
     usage = report.get("run_usage")
     if usage:

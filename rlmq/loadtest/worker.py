@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import math
+import os
 import resource
 import signal
 import time
@@ -128,7 +129,9 @@ def _worker_main(conn: Connection, spec: WorkerSpec) -> None:
 def _run_worker(sock: zmq.Socket[Any], spec: WorkerSpec, conn: Connection) -> _WorkerResult:
     res = _WorkerResult()
     head = spec.payload_head
-    prefix = f"w{spec.index}-"
+    # Unique across load tests too: handlers keep finished replies by (run, request id) so that a
+    # re-sent request is not paid twice, and a second load test reusing --run must not hit them.
+    prefix = f"{os.urandom(4).hex()}-w{spec.index}-"
     pending: dict[str, float] = {}  # id -> time it was (due to be) sent; insertion order = age
     latencies = res.latencies_ms
     errors = res.errors
