@@ -6,7 +6,10 @@ cap and max_batch) and sends the worker the context; an exec waits for the worke
 deadline; a worker that dies or falls silent is replaced by a fresh one with the context
 reloaded (the client is told its variables are lost). Sessions idle past ``idle_timeout_s`` are
 closed. ``rlm_query`` requests from a worker go to the client
-that sent the running exec, and the answers come back to that worker.
+that sent the running exec, and the answers come back to that worker. An exec that asks for
+sub-call records (``record_chars``) or a ``replay`` hands the relay an ``ExecRecording``
+(recording.py); its records go to the exec's client as ``sub_calls`` notices, all before the
+exec's reply.
 
 No sockets here: the server hands in two send functions and the relay, and the supervisor runs
 the processes.
@@ -25,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from rlmq.protocol import tracing
 from rlmq.protocol.errors import ErrorCode, ErrorInfo
 from rlmq.protocol.sandbox import (
     ContextFormat,
@@ -37,6 +41,8 @@ from rlmq.protocol.sandbox import (
     RlmQuery,
     RlmResult,
     SessionInfo,
+    SubCall,
+    SubCallsNotice,
 )
 
 from ._tasks import Background, Stats, mark_retrieved
@@ -51,6 +57,7 @@ from .errors import (
     UnknownSession,
     WorkerGone,
 )
+from .recording import ExecRecording
 from .relay import Stamp, SubCallRelay
 from .supervisor import Silent, Supervisor, Worker, WorkerState
 
@@ -59,6 +66,11 @@ __all__ = ["MAX_RLM_PENDING", "Session", "SessionManager"]
 log = logging.getLogger(__name__)
 
 MAX_RLM_PENDING = 64  # outstanding rlm_query requests per session
+# A sub_calls notice holds at most this many records, or about this many characters of them.
+_NOTICE_RECORDS = 512
+_NOTICE_CHARS = 4 * 1024 * 1024
+# While records keep coming, the pool sends them this often (one notice each time), not one by one.
+_NOTICE_INTERVAL_S = 0.005
 
 Wire = dict[str, Any]
 SendWorker = Callable[[Worker, Wire, Sequence[Any]], None]
@@ -422,7 +434,7 @@ class SessionManager:
                 raise PoolStopping()
             self.table[session.id] = session
             self.stats.inc("sessions_opened")
-            self.stats.open_ms.append((time.monotonic() - started) * 1000.0)
+            self.stats.observe_open((time.monotonic() - started) * 1000.0)
             log.debug(
                 "session %s open on %s (run %s)", session.id, session.worker and session.worker.wid, req.run
             )
@@ -546,14 +558,19 @@ class SessionManager:
 
     async def exec(self, session: Session, req: ExecRequest) -> Wire:
         """Run ``req`` in the session (after ``begin_exec``); returns the reply."""
+        with tracing.span("rlmq.exec.pool", parent=req.trace, attributes={"rlmq.session": session.id}):
+            return await self._exec(session, req)
+
+    async def _exec(self, session: Session, req: ExecRequest) -> Wire:
+        recording: ExecRecording | None = None
+        route = session.route
         try:
             worker = await self._session_worker(session)
             timeout = req.timeout_s or session.exec_timeout_s
             lost, session.lost_reason = session.lost_reason, None
             exec_id = f"x{next(self._ids)}"
             future = self._waiter(worker, exec_id)
-            if session.stamp is not None:
-                session.stamp.begin_exec()
+            recording = self._begin_records(session, req, route)
             started = time.monotonic()
             self._send_worker(worker, Exec(exec_id, req.code, timeout).to_wire(), ())
             self.stats.inc("execs")
@@ -583,15 +600,80 @@ class SessionManager:
             if lost is not None and not result.state_lost:
                 note = f"[rlmq] {lost} between execs: variables were lost and `context` was reloaded.\n"
                 result = replace(result, state_lost=True, stderr=note + result.stderr)
-            self.stats.exec_ms.append((time.monotonic() - started) * 1000.0)
+            self.stats.observe_exec((time.monotonic() - started) * 1000.0)
             reply = ExecReply(req.id, session.id, result).to_wire()
             pid = session.worker.child_pid if session.worker is not None else None
             if pid is not None:
                 reply["worker_pid"] = pid  # changes when the session moved to a fresh worker
             return reply
         finally:
+            self._end_records(session, req, route, recording)
             session.executing = False
             session.last_used = self.clock()
+
+    def _begin_records(self, session: Session, req: ExecRequest, route: list[Any]) -> ExecRecording | None:
+        """Tell the relay what to do with this exec's sub-calls: its trace, and a recording when
+        the client asked for records or a replay (else none: recording costs nothing)."""
+        stamp = session.stamp
+        if stamp is None:
+            return None
+        stamp.begin_exec()
+        # Handler spans nest under the pool's exec span when the pool traces, else the caller's.
+        stamp.trace = tracing.current_traceparent() or req.trace
+        if req.record_chars is None and req.replay is None:
+            stamp.recording = None
+            return None
+        loop = asyncio.get_running_loop()
+
+        def pump() -> None:  # the loop: send what is ready, and look again soon while records come
+            if self._send_records(route, req, session.id, recording.drain):
+                loop.call_later(_NOTICE_INTERVAL_S, pump)
+
+        def wake() -> None:  # the relay thread: records wait
+            loop.call_soon_threadsafe(pump)
+
+        recording = ExecRecording(
+            depth=stamp.depth, record_chars=req.record_chars, replay=req.replay, wake=wake
+        )
+        stamp.recording = recording
+        return recording
+
+    def _end_records(
+        self, session: Session, req: ExecRequest, route: list[Any], recording: ExecRecording | None
+    ) -> None:
+        """The exec is over: the relay stops recording it, and the records not sent yet go now,
+        before the exec's reply (sent by the caller once ``exec`` returns)."""
+        if session.stamp is not None:
+            session.stamp.recording = None
+            session.stamp.trace = None
+        if recording is not None:
+            self._send_records(route, req, session.id, recording.finish)
+            if recording.replayed or recording.diverged:
+                self.stats.inc("sub_calls_replayed", recording.replayed)
+                self.stats.inc("sub_calls_diverged", recording.diverged)
+
+    def _send_records(
+        self, route: list[Any], req: ExecRequest, session_id: str, take: Callable[[], list[SubCall]]
+    ) -> bool:
+        """Send the records ``take`` gives as ``sub_calls`` notices; False when there were none."""
+        records = take()
+        if not records:
+            return False
+        if req.record_chars is None:
+            return True
+        self.stats.inc("sub_calls_recorded", len(records))
+        # One notice per batch, split so that no notice grows without bound.
+        chunk: list[SubCall] = []
+        size = 0
+        for record in records:
+            chunk.append(record)
+            size += len(record.prompt) + len(record.prompt_tail or "") + len(record.text or "")
+            if len(chunk) >= _NOTICE_RECORDS or size >= _NOTICE_CHARS:
+                self._send_client(route, SubCallsNotice(req.id, session_id, chunk).to_wire(), ())
+                chunk, size = [], 0
+        if chunk:
+            self._send_client(route, SubCallsNotice(req.id, session_id, chunk).to_wire(), ())
+        return True
 
     async def _session_worker(self, session: Session) -> Worker:
         if session.replacing is not None:

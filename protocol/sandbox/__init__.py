@@ -10,7 +10,7 @@ The client lives in ``protocol``, not in ``sandbox``, because the orchestrator m
 readers are ``rlmq.protocol.fields``, shared with the handler protocol.
 """
 
-from .client import AsyncSandboxClient, RlmCallback, SandboxError, Session, ToolCallback
+from .client import AsyncSandboxClient, RlmCallback, SandboxError, Session, SubCallCallback, ToolCallback
 from .context import CONTEXT_FORMATS, ContextFormat, context_shape, decode_context, encode_context
 from .messages import (
     EXEC_ERROR_CODES,
@@ -25,6 +25,7 @@ from .messages import (
     ExecResult,
     OpenReply,
     OpenRequest,
+    Replay,
     RlmQuery,
     RlmResult,
     SandboxPing,
@@ -33,7 +34,10 @@ from .messages import (
     SandboxStats,
     SandboxStatsReply,
     SessionInfo,
+    SubCall,
+    SubCallsNotice,
     decode_sandbox_request,
+    prompt_sha256,
     split_delimited,
 )
 
@@ -53,6 +57,7 @@ __all__ = [
     "ExecResult",
     "OpenReply",
     "OpenRequest",
+    "Replay",
     "RlmCallback",
     "RlmQuery",
     "RlmResult",
@@ -64,10 +69,14 @@ __all__ = [
     "SandboxStatsReply",
     "Session",
     "SessionInfo",
+    "SubCall",
+    "SubCallCallback",
+    "SubCallsNotice",
     "ToolCallback",
     "context_shape",
     "decode_context",
     "decode_sandbox_request",
     "encode_context",
+    "prompt_sha256",
     "split_delimited",
 ]

@@ -27,6 +27,7 @@ from ..dealer import AsyncDealer
 from ..errors import ErrorCode, ErrorInfo, ProtocolError, RemoteError, RlmqError
 from ..messages import ErrorReply
 from ..security import CurveClientKeys
+from ..tracing import current_traceparent
 from .context import decode_context, encode_context
 from .messages import (
     CloseRequest,
@@ -35,15 +36,18 @@ from .messages import (
     ExecResult,
     OpenReply,
     OpenRequest,
+    Replay,
     RlmQuery,
     RlmResult,
     SandboxPing,
     SandboxStats,
     SessionInfo,
+    SubCall,
+    SubCallsNotice,
     split_delimited,
 )
 
-__all__ = ["AsyncSandboxClient", "RlmCallback", "SandboxError", "Session", "ToolCallback"]
+__all__ = ["AsyncSandboxClient", "RlmCallback", "SandboxError", "Session", "SubCallCallback", "ToolCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ class SandboxError(RemoteError):
 RlmCallback = Callable[[str, Any], Awaitable[str]]
 # Answers a host-side tool call of a session's code: (name, args, kwargs) -> a msgpack-able value.
 ToolCallback = Callable[[str, list[Any], dict[str, Any]], Awaitable[Any]]
+# Gets each sub-call record of an exec, in order of issue, before the exec returns.
+SubCallCallback = Callable[[SubCall], None]
 # The pool answers an exec at its own deadline; the client waits this much longer before it
 # gives up on the pool itself.
 EXEC_WAIT_MARGIN_S = 15.0
@@ -95,14 +101,42 @@ class Session:
         info = self.info
         return f"<Session {self.id} pid={info.worker_pid} {info.context_type}[{info.context_length}]>"
 
-    async def exec(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
+    async def exec(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        on_sub_call: SubCallCallback | None = None,
+        record_chars: int | None = None,
+        replay: Replay | None = None,
+    ) -> ExecResult:
         """Run ``code`` in the session's namespace. Errors of the code come back in the result;
-        raises ``SandboxError`` only when the session itself cannot serve (closed, lost)."""
+        raises ``SandboxError`` only when the session itself cannot serve (closed, lost).
+
+        ``record_chars``: the pool records every sub-call of the code (prompts longer than this
+        cut to head and tail) and ``on_sub_call`` gets each record, in order of issue, before
+        this returns; None records nothing. ``replay``: the pool answers the sub-calls from
+        these records instead of the handler (see ``Replay``)."""
         if self.closed:
             raise SandboxError(ErrorCode.UNKNOWN_SESSION, f"session {self.id} is closed")
+        if record_chars is not None and record_chars < 0:
+            raise ValueError("record_chars must be >= 0")
         deadline = (timeout_s or self.exec_timeout_s) + EXEC_WAIT_MARGIN_S
-        req = ExecRequest(self._client.new_id(), self.id, code, timeout_s)
-        obj, _ = await self._client._request(req.to_wire(), [], deadline)
+        req = ExecRequest(
+            self._client.new_id(),
+            self.id,
+            code,
+            timeout_s,
+            record_chars=record_chars,
+            replay=replay,
+            trace=current_traceparent(),
+        )
+        if on_sub_call is not None and record_chars is not None:
+            self._client._sub_call_sinks[req.id] = on_sub_call
+        try:
+            obj, _ = await self._client._request(req.to_wire(), [], deadline)
+        finally:
+            self._client._sub_call_sinks.pop(req.id, None)
         try:
             _raise_for(obj)
         except SandboxError as exc:
@@ -159,6 +193,7 @@ class AsyncSandboxClient(AsyncDealer):
         self._pending: dict[str, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._sessions: dict[str, Session] = {}
         self._callbacks: set[asyncio.Task[None]] = set()
+        self._sub_call_sinks: dict[str, SubCallCallback] = {}  # exec request id -> its on_sub_call
 
     # ------------------------------------------------------------ transport
 
@@ -201,7 +236,11 @@ class AsyncSandboxClient(AsyncDealer):
             except ProtocolError as exc:
                 log.warning("unreadable message from %s dropped: %s", self.address, exc.message)
                 continue
-            if obj.get("op") == RlmQuery.OP:
+            op = obj.get("op")
+            if op == SubCallsNotice.OP:
+                self._on_sub_calls(obj)
+                continue
+            if op == RlmQuery.OP:
                 self._on_rlm_query(obj, blobs)
                 continue
             rid = obj.get("id")
@@ -209,6 +248,24 @@ class AsyncSandboxClient(AsyncDealer):
             if future is not None and not future.done():
                 future.set_result((obj, blobs))
             # else: a late reply to a request that timed out
+
+    def _on_sub_calls(self, obj: Mapping[str, Any]) -> None:
+        """Records of a running exec, to its ``on_sub_call`` in the reader: in order of arrival,
+        and all before the exec's reply (which the pool sends after them)."""
+        rid = obj.get("id")
+        sink = self._sub_call_sinks.get(rid) if isinstance(rid, str) else None
+        if sink is None:
+            return  # nobody asked for them (or the exec timed out here)
+        try:
+            notice = SubCallsNotice.from_wire(obj)
+        except ProtocolError as exc:
+            log.warning("malformed sub_calls notice from %s dropped: %s", self.address, exc.message)
+            return
+        for record in notice.records:
+            try:
+                sink(record)
+            except Exception:  # the callback's bug must not stop the reader of every session
+                log.exception("on_sub_call failed on record %d of exec %s", record.seq, notice.id)
 
     def _on_rlm_query(self, obj: Mapping[str, Any], blobs: list[Any]) -> None:
         try:

@@ -7,13 +7,18 @@ everything up to and including the first empty frame is the envelope (echoed on 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import msgpack
 
 from ..codec import unpack
 from ..errors import DecodeError, ErrorCode, ErrorInfo, UnknownOp, UnsupportedVersion
 from ..fields import Wire, drop_none, opt_float, opt_int, opt_string, optional, required, string
+from ..messages import Usage
 from .context import CONTEXT_FORMATS, ContextFormat
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "ExecResult",
     "OpenReply",
     "OpenRequest",
+    "Replay",
     "RlmQuery",
     "RlmResult",
     "SandboxPing",
@@ -37,7 +43,10 @@ __all__ = [
     "SandboxStats",
     "SandboxStatsReply",
     "SessionInfo",
+    "SubCall",
+    "SubCallsNotice",
     "decode_sandbox_request",
+    "prompt_sha256",
     "split_delimited",
 ]
 
@@ -49,6 +58,9 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 # `ExecError.code`: how the code ended, when it did not end normally.
 EXEC_ERROR_CODES = ("exception", "timeout", "worker_died", "memory")
+# A W3C traceparent is 55 characters; later versions may append fields. Anything longer is refused.
+MAX_TRACE_CHARS = 512
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------- results
@@ -167,6 +179,172 @@ class SessionInfo:
         )
 
 
+# ---------------------------------------------------------------- sub-call records
+
+
+def prompt_sha256(messages: Iterable[tuple[str, str]]) -> str:
+    """The digest a sub-call's prompt is matched by on replay: sha256 (hex) of the msgpack of
+    ``[[role, content], ...]``, the request's messages in order."""
+    pairs = [[role, content] for role, content in messages]
+    return hashlib.sha256(msgpack.packb(pairs, use_bin_type=True)).hexdigest()
+
+
+def _number(d: Mapping[str, Any], key: str, rid: str | None) -> float:
+    value = required(d, key, (int, float), "a number", rid)
+    if value < 0:
+        raise DecodeError(f"field {key!r} must be >= 0, got {value}", request_id=rid)
+    return float(value)
+
+
+def _count(d: Mapping[str, Any], key: str, rid: str | None) -> int:
+    value: int = required(d, key, (int,), "an integer", rid)
+    if value < 0:
+        raise DecodeError(f"field {key!r} must be >= 0, got {value}", request_id=rid)
+    return value
+
+
+def _flag(d: Mapping[str, Any], key: str, rid: str | None) -> bool:
+    return bool(optional(d, key, (bool,), "a boolean", rid))
+
+
+def _usage_wire(usage: Usage) -> Wire:
+    wire: Wire = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+    if usage.cache_read_tokens:
+        wire["cache_read_tokens"] = usage.cache_read_tokens
+    if usage.cache_write_tokens:
+        wire["cache_write_tokens"] = usage.cache_write_tokens
+    return wire
+
+
+@dataclass(frozen=True, slots=True)
+class SubCall:
+    """One llm_query/llm_query_batched call a session's code made, as the pool's relay saw it.
+
+    ``seq`` is the call's order of issue within its exec (a batch's prompts in list order).
+    ``prompt`` is the user content of the request's messages, joined by blank lines; past the
+    exec's ``record_chars`` it is only the head, and ``prompt_tail`` the tail (``record_chars // 2``
+    characters each). ``started_ms`` counts from the exec's start. ``replayed``: answered from
+    the exec's replay list, never sent; ``diverged``: a replay had no recorded answer for it."""
+
+    seq: int
+    model: str
+    depth: int
+    prompt: str
+    prompt_tail: str | None
+    prompt_chars: int
+    prompt_sha256: str
+    text: str | None
+    usage: Usage
+    cost_usd: float
+    cached: bool
+    error: ErrorInfo | None
+    started_ms: float
+    latency_ms: float
+    replayed: bool = False
+    diverged: bool = False
+
+    def to_wire(self) -> Wire:
+        return {
+            "seq": self.seq,
+            "model": self.model,
+            "depth": self.depth,
+            "prompt": self.prompt,
+            "prompt_tail": self.prompt_tail,
+            "prompt_chars": self.prompt_chars,
+            "prompt_sha256": self.prompt_sha256,
+            "text": self.text,
+            "usage": _usage_wire(self.usage),
+            "cost_usd": self.cost_usd,
+            "cached": self.cached,
+            "error": None if self.error is None else self.error.to_wire(),
+            "started_ms": self.started_ms,
+            "latency_ms": self.latency_ms,
+            "replayed": self.replayed,
+            "diverged": self.diverged,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Any, rid: str | None = None) -> SubCall:
+        if not isinstance(d, Mapping):
+            raise DecodeError("a sub-call record must be a map", request_id=rid)
+        sha = string(d, "prompt_sha256", rid)
+        if _SHA256_HEX.fullmatch(sha) is None:
+            raise DecodeError("field 'prompt_sha256' must be 64 lowercase hex digits", request_id=rid)
+        error = d.get("error")
+        try:
+            info = None if error is None else ErrorInfo.from_wire(error)
+        except DecodeError as exc:
+            raise DecodeError(f"field 'error': {exc.message}", request_id=rid) from None
+        text = opt_string(d, "text", rid)
+        if text is None and info is None:
+            raise DecodeError("a sub-call record needs a 'text' or an 'error'", request_id=rid)
+        return cls(
+            seq=_count(d, "seq", rid),
+            model=string(d, "model", rid),
+            depth=_count(d, "depth", rid),
+            prompt=string(d, "prompt", rid),
+            prompt_tail=opt_string(d, "prompt_tail", rid),
+            prompt_chars=_count(d, "prompt_chars", rid),
+            prompt_sha256=sha,
+            text=text,
+            usage=Usage.from_wire(required(d, "usage", (dict,), "a map", rid), rid),
+            cost_usd=opt_float(d, "cost_usd", rid) or 0.0,
+            cached=required(d, "cached", (bool,), "a boolean", rid),
+            error=info,
+            started_ms=_number(d, "started_ms", rid),
+            latency_ms=_number(d, "latency_ms", rid),
+            replayed=_flag(d, "replayed", rid),
+            diverged=_flag(d, "diverged", rid),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """An exec's recorded sub-calls to answer from: the call of seq ``n`` gets the answer of the
+    record with seq ``n`` when their prompts' sha256 match. A call without one goes to the
+    handler when ``live``, else fails with ``not_recorded``."""
+
+    calls: Sequence[SubCall]
+    live: bool = False
+
+    def to_wire(self) -> Wire:
+        return {"calls": [c.to_wire() for c in self.calls], "live": self.live}
+
+    @classmethod
+    def from_wire(cls, d: Any, rid: str | None = None) -> Replay:
+        if not isinstance(d, Mapping):
+            raise DecodeError("field 'replay' must be a map", request_id=rid)
+        calls = required(d, "calls", (list,), "a list", rid)
+        return cls(
+            tuple(SubCall.from_wire(c, rid) for c in calls),
+            required(d, "live", (bool,), "a boolean", rid),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubCallsNotice:
+    """Pool -> client, one-way: sub-call records of the running exec ``id`` (the exec request's
+    id), in seq order; every notice of an exec comes before the exec's reply."""
+
+    id: str
+    session: str
+    records: Sequence[SubCall]
+
+    OP: ClassVar[str] = "sub_calls"
+
+    def to_wire(self) -> Wire:
+        return _base(self.OP, self.id) | {
+            "session": self.session,
+            "records": [r.to_wire() for r in self.records],
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> SubCallsNotice:
+        rid = string(d, "id", None)
+        records = required(d, "records", (list,), "a list", rid)
+        return cls(rid, string(d, "session", rid), tuple(SubCall.from_wire(r, rid) for r in records))
+
+
 # ---------------------------------------------------------------- requests (client -> pool)
 
 
@@ -271,16 +449,31 @@ def _names(d: Mapping[str, Any], key: str, rid: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class ExecRequest:
+    """Run code in a session. Optional, added within version 1: ``record_chars`` (send a
+    ``sub_calls`` record of every sub-call, prompts cut past that many characters; None sends
+    none), ``replay`` (answer sub-calls from these records), ``trace`` (a W3C traceparent the
+    pool puts on every sub-call it sends on)."""
+
     id: str
     session: str
     code: str
     timeout_s: float | None = None
+    record_chars: int | None = None
+    replay: Replay | None = None
+    trace: str | None = None
 
     OP: ClassVar[str] = "exec"
 
     def to_wire(self) -> Wire:
         return _base(self.OP, self.id) | drop_none(
-            {"session": self.session, "code": self.code, "timeout_s": self.timeout_s}
+            {
+                "session": self.session,
+                "code": self.code,
+                "timeout_s": self.timeout_s,
+                "record_chars": self.record_chars,
+                "replay": None if self.replay is None else self.replay.to_wire(),
+                "trace": self.trace,
+            }
         )
 
     @classmethod
@@ -289,7 +482,19 @@ class ExecRequest:
         timeout = opt_float(d, "timeout_s", rid)
         if timeout is not None and timeout <= 0:
             raise DecodeError("field 'timeout_s' must be positive", request_id=rid)
-        return cls(rid, string(d, "session", rid), string(d, "code", rid), timeout)
+        replay = d.get("replay")
+        trace = opt_string(d, "trace", rid)
+        if trace is not None and not 0 < len(trace) <= MAX_TRACE_CHARS:
+            raise DecodeError(f"field 'trace' must be 1 to {MAX_TRACE_CHARS} characters", request_id=rid)
+        return cls(
+            rid,
+            string(d, "session", rid),
+            string(d, "code", rid),
+            timeout,
+            record_chars=opt_int(d, "record_chars", rid),
+            replay=None if replay is None else Replay.from_wire(replay, rid),
+            trace=trace,
+        )
 
 
 @dataclass(frozen=True, slots=True)
