@@ -117,13 +117,16 @@ async def rlmq_bench(rounds: int, batch_rounds: int) -> dict[str, Any]:
                     ITERATIONS,
                 ), result
                 # model round trip: the time up to each model_call event from the event before it
-                # (run_start or the previous exec); exec round trip: model_call -> exec.
+                # (run_start or the previous exec_end); exec round trip: model_call -> exec_end
+                # (exec_start, written just before the exec is sent, is not a step of its own).
                 model_ms, exec_ms = [], []
                 prev_name, prev_t = stamps[0]
                 for name, t in stamps[1:]:
+                    if name == "exec_start":
+                        continue
                     if name == "model_call":
                         model_ms.append((t - prev_t) * 1000)
-                    elif name == "exec" and prev_name == "model_call":
+                    elif name == "exec_end" and prev_name == "model_call":
                         exec_ms.append((t - prev_t) * 1000)
                     prev_name, prev_t = name, t
                 end_wall = t0 + wall

@@ -155,6 +155,7 @@ async def _demo(args: argparse.Namespace, out: Path) -> int:
                 trajectory=trajectory,
                 run_id=run_id,
                 curve=None,  # private services on ipc:// sockets: CURVE is for TCP only
+                context_path=str(doc_path.resolve()),  # for rlmq replay
             )
     finally:
         trajectory.close()
@@ -170,6 +171,7 @@ async def _demo(args: argparse.Namespace, out: Path) -> int:
     )
     print(f"trajectory: {trajectory_path}")
     print(f"document:   {doc_path}")
+    print(f"replay it:  rlmq replay {trajectory_path} --config {config}")
     print(
         "\nWith a real model: put [models.root] and [models.sub] in rlmq.toml (see README), then\n"
         f"  rlmq run --config rlmq.toml --query {QUESTION!r} --context {doc_path}"

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from rlmq.protocol import ChatMessage, CompleteReply, RunLimits, RunUsage
-from rlmq.protocol.sandbox import ExecResult
+from rlmq.protocol.sandbox import ExecResult, Replay, SubCall
 
 __all__ = ["ModelClient", "RlmCallback", "Sandbox", "SandboxSession"]
 
@@ -50,8 +50,20 @@ class ModelClient(Protocol):
 class SandboxSession(Protocol):
     """A persistent namespace holding ``context`` and the REPL functions."""
 
-    async def exec(self, code: str) -> ExecResult:
-        """Run ``code``; its failures come back in the result, never as an exception."""
+    async def exec(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        on_sub_call: Callable[[SubCall], None] | None = None,
+        record_chars: int | None = None,
+        replay: Replay | None = None,
+    ) -> ExecResult:
+        """Run ``code``; its failures come back in the result, never as an exception.
+
+        ``record_chars`` set: each sub-call the code makes is reported to ``on_sub_call`` (a
+        ``SubCall``, prompts past ``record_chars`` cut to head and tail) before this returns.
+        ``replay``: sub-calls are answered from these records (docs/trajectory.md, "Replay")."""
         ...
 
     async def close(self) -> None:

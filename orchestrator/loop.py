@@ -34,8 +34,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from rlmq.protocol import ChatMessage, CompleteReply, ErrorCode, ErrorInfo, RlmqError, RunUsage, Usage
-from rlmq.protocol.sandbox import ExecResult
+from rlmq.protocol import (
+    ChatMessage,
+    CompleteReply,
+    ErrorCode,
+    ErrorInfo,
+    RlmqError,
+    RunUsage,
+    Usage,
+    tracing,
+)
+from rlmq.protocol.sandbox import ExecResult, Replay, SubCall
 
 from .errors import ChildRunFailed, SettingsError
 from .history import History
@@ -44,7 +53,7 @@ from .parsing import FinalText, extract_code_blocks, find_final, prose_after_cod
 from .prompts import describe_context, last_call_prompt, no_code_nudge, system_prompt
 from .settings import RunSettings
 from .tools import ToolBox, describe_modules
-from .trajectory import Trajectory
+from .trajectory import ROOT_LEVEL, SCHEMA, MessageDeltas, Trajectory
 
 __all__ = [
     "CUT_OFF_NOTE",
@@ -54,6 +63,7 @@ __all__ = [
     "Conversation",
     "Ending",
     "RunCounters",
+    "RunReplay",
     "RunResult",
     "StopReason",
     "format_observation",
@@ -156,15 +166,56 @@ class _Outcome:
 
 
 @dataclass(slots=True, eq=False)
+class _Place:
+    """Where a loop instance is in its run: its level id (docs/trajectory.md), depth, and the
+    iteration and block it is at (a child run started now nests under them)."""
+
+    id: str
+    depth: int
+    iteration: int = 0
+    block: int | None = None
+    children: int = 0
+
+    def child(self) -> _Place:
+        self.children += 1
+        return _Place(f"{self.id}.{self.children}", self.depth + 1)
+
+
+@dataclass(slots=True, eq=False)
 class _Level:
     """The loop at one depth: its session, history, iteration, and what a fallback reads."""
 
-    depth: int
+    place: _Place
     session: SandboxSession
     history: History
-    iteration: int = 0
     best: str = ""  # the last prose FINAL not taken (beside code, or cut off)
     hint_var: str | None = None  # the last prose FINAL_VAR not taken: read if a limit stops this depth
+    records: bool | None = None  # the session's exec takes on_sub_call (asked once)
+
+    @property
+    def depth(self) -> int:
+        return self.place.depth
+
+    @property
+    def iteration(self) -> int:
+        return self.place.iteration
+
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self.place.iteration = value
+
+
+@dataclass(frozen=True, slots=True)
+class RunReplay:
+    """A run played again from a recording (``rlmq replay``, ``rlmq run --resume``).
+
+    ``sub_calls(level, iteration, block)``: the recorded sub-call answers of that block, passed
+    to its exec as ``replay=`` (None: none recorded, the block runs as usual). ``resume``: the
+    fields of the ``resume`` event written instead of ``run_start`` (a resumed run appends to
+    its trajectory); None for a replay, which writes a trajectory of its own."""
+
+    sub_calls: Callable[[str, int, int], Replay | None]
+    resume: dict[str, Any] | None = None
 
 
 def format_observation(index: int, count: int, code: str, result: ExecResult) -> str:
@@ -240,12 +291,22 @@ class RLM:
         return conversation
 
     async def run(
-        self, query: str, context: Any, *, run_id: str | None = None, trajectory: Trajectory | None = None
+        self,
+        query: str,
+        context: Any,
+        *,
+        run_id: str | None = None,
+        trajectory: Trajectory | None = None,
+        replay: RunReplay | None = None,
+        context_path: str | None = None,
     ) -> RunResult:
         """One whole run: registered with the model client, traced, and closed whatever happens.
 
-        ``trajectory`` receives this run's events (default: one kept in memory only)."""
-        run = _Run(self, run_id or new_run_id(), trajectory or Trajectory(None))
+        ``trajectory`` receives this run's events (default: one kept in memory only).
+        ``replay``: the run plays a recording again (see ``RunReplay``). ``context_path``: where
+        the context was read from, recorded so that ``rlmq replay`` can read it again."""
+        run = _Run(self, run_id or new_run_id(), trajectory or Trajectory(None), replay)
+        run.context_path = context_path
         if run.id in self._active:
             raise ValueError(f"run {run.id!r} is already running on this RLM")
         self._active[run.id] = run
@@ -263,8 +324,14 @@ class RLM:
 class _Run:
     """One run: its id, clock, counters, trajectory and usage. Made by each ``RLM.run`` call."""
 
-    def __init__(self, rlm: RLM, run_id: str, trajectory: Trajectory) -> None:
+    def __init__(
+        self, rlm: RLM, run_id: str, trajectory: Trajectory, replay: RunReplay | None = None
+    ) -> None:
         self.id = run_id
+        self.replay = replay
+        self.deltas = MessageDeltas()
+        self.root = _Place(ROOT_LEVEL, 0)
+        self.context_path: str | None = None
         self.models = rlm.models
         self.sandbox = rlm.sandbox
         self.settings = rlm.settings
@@ -280,27 +347,40 @@ class _Run:
         self.deadline = None if wall is None else self.started + wall
         self.usage: RunUsage | None = None
 
-    def event(self, name: str, /, **fields: Any) -> None:
+    def event(self, name: str, place: _Place | None = None, /, **fields: Any) -> None:
+        """Write an event of ``place``'s level (None: a run-wide event, level "0")."""
+        where = place or self.root
+        fields = {"level": where.id, "depth": where.depth, **fields}
         self.trajectory.write(name, **fields)
         if self.on_event is not None:
             self.on_event(name, fields)
+
+    def start_event(self, **fields: Any) -> None:
+        """``run_start`` (schema 2), or ``resume`` when this run continues a recorded one."""
+        if self.replay is not None and self.replay.resume is not None:
+            self.event("resume", **self.replay.resume)
+        else:
+            self.event("run_start", schema=SCHEMA, **fields)
 
     def past_deadline(self) -> bool:
         return self.deadline is not None and self.clock() >= self.deadline
 
     async def execute(self, query: str, context: Any) -> RunResult:
         s = self.settings
-        self.event(
-            "run_start",
+        self.start_event(
             run=self.id,
             query=query,
             context=describe_context(context),
+            **({"context_path": self.context_path} if self.context_path else {}),
             settings={k: getattr(s, k) for k in s.__dataclass_fields__},
+            sub_window_tokens=self.sub_window_tokens,
         )
         outcome = _Outcome("", StopReason.ERROR, "", 0)
         try:
-            await self.models.run_open(self.id, s.limits())
-            outcome = await self.depth(query, context, 0)
+            with tracing.span("rlmq.run", attributes={"rlmq.run": self.id}):
+                await self.models.run_open(self.id, s.limits())
+                outcome = await self.depth(query, context, self.root)
+                tracing.set_attributes({"rlmq.stop_reason": str(outcome.reason)})
         except RlmqError as exc:  # the run could not start
             outcome = self.stopped_by(exc, ("", Ending.NONE), self.counters.iterations)
         except BaseException as exc:  # cancelled, interrupted, or a bug: still leave a whole trajectory
@@ -347,19 +427,28 @@ class _Run:
 
     # ------------------------------------------------------------------ one depth
 
-    async def depth(self, query: str, context: Any, depth: int) -> _Outcome:
-        """Run the loop at one depth, in its own session."""
+    async def depth(self, query: str, context: Any, place: _Place, parent: _Place | None = None) -> _Outcome:
+        """Run the loop of one level (the root, or a child run of ``parent``), in its own session."""
+        if parent is not None:
+            self.event(
+                "child_start",
+                place,
+                parent=parent.id,
+                iteration=parent.iteration,
+                block=parent.block,
+                query=query,
+                context=describe_context(context),
+            )
         try:
-            session = await self.open_session(context, depth)
+            session = await self.open_session(context, place)
         except RlmqError as exc:
-            return self.finish(depth, self.stopped_by(exc, ("", Ending.NONE), 0))
-        if depth > 0:
-            self.event("child_start", depth=depth, query=query, context=describe_context(context))
-        level = _Level(depth, session, History(self.prompt(context, depth), f"Question: {query}"))
+            return self.finish(place, self.stopped_by(exc, ("", Ending.NONE), 0), parent)
+        level = _Level(place, session, History(self.prompt(context, place.depth), f"Question: {query}"))
         try:
-            return self.finish(depth, await self.iterate(level))
+            return self.finish(place, await self.iterate(level), parent)
         except RlmqError as exc:
-            return self.finish(depth, self.stopped_by(exc, await self.fallback(level), level.iteration))
+            outcome = self.stopped_by(exc, await self.fallback(level), level.iteration)
+            return self.finish(place, outcome, parent)
         finally:
             try:
                 await session.close()
@@ -381,8 +470,9 @@ class _Run:
             conversation=conversation,
         )
 
-    async def open_session(self, context: Any, depth: int) -> SandboxSession:
+    async def open_session(self, context: Any, place: _Place) -> SandboxSession:
         s = self.settings
+        depth = place.depth
         extra: dict[str, Any] = {}
         if self.tools is not None:
             extra["tools"] = self.tools.names
@@ -402,27 +492,28 @@ class _Run:
             sub_model=s.sub_model,
             exec_timeout_s=s.exec_timeout_s,
             max_output_chars=s.max_output_chars,
-            on_rlm_query=self.child_runner(depth),
+            on_rlm_query=self.child_runner(place),
             **extra,
         )
 
-    def child_runner(self, depth: int) -> RlmCallback | None:
-        """What answers ``rlm_query`` at this depth: a child loop at depth + 1, if allowed."""
-        if depth + 1 >= self.settings.max_depth:
+    def child_runner(self, place: _Place) -> RlmCallback | None:
+        """What answers ``rlm_query`` at this level: a child loop at depth + 1, if allowed."""
+        if place.depth + 1 >= self.settings.max_depth:
             return None
 
         async def child(prompt: str, child_context: Any) -> str:
-            outcome = await self.depth(prompt, prompt if child_context is None else child_context, depth + 1)
+            given = prompt if child_context is None else child_context
+            outcome = await self.depth(prompt, given, place.child(), place)
             if not outcome.reason.answered:
                 raise ChildRunFailed(outcome.reason, outcome.detail, cause=outcome.error)
             return outcome.answer
 
         return child
 
-    def finish(self, depth: int, outcome: _Outcome) -> _Outcome:
+    def finish(self, place: _Place, outcome: _Outcome, parent: _Place | None = None) -> _Outcome:
         self.event(
             "final",
-            depth=depth,
+            place,
             answer=outcome.answer,
             stop_reason=outcome.reason,
             detail=outcome.detail,
@@ -430,6 +521,15 @@ class _Run:
             error=None if outcome.error is None else outcome.error.to_wire(),
             ending=outcome.ending,
         )
+        if parent is not None:
+            self.event(
+                "child_end",
+                place,
+                parent=parent.id,
+                answer=outcome.answer,
+                stop_reason=outcome.reason,
+                iterations=outcome.iterations,
+            )
         return outcome
 
     async def iterate(self, level: _Level) -> _Outcome:
@@ -442,13 +542,17 @@ class _Run:
                 detail = f"wall time of {s.wall_time_s:g} s reached"
                 answer, ending = await self.fallback(level)
                 return _Outcome(answer, StopReason.WALL_TIME, detail, iteration, ending=ending)
-            await self.compact(level)
-            reply = await self.ask(level.history.messages(), level.depth, iteration, "iteration")
-            level.history.add_response(reply.text)
-            taken, observation = await self.act(level, reply.text, cut=reply.stop_reason in _CUT_STOP_REASONS)
-            if taken is not None:
-                return _Outcome(taken[0], StopReason.FINAL, "", iteration, ending=taken[1])
-            level.history.add_observation(observation)
+            with tracing.span(
+                "rlmq.iteration", attributes={"rlmq.level": level.place.id, "rlmq.iteration": iteration}
+            ):
+                await self.compact(level)
+                reply = await self.ask(level.history.messages(), level.place, iteration, "iteration")
+                level.history.add_response(reply.text)
+                cut = reply.stop_reason in _CUT_STOP_REASONS
+                taken, observation = await self.act(level, reply.text, cut=cut)
+                if taken is not None:
+                    return _Outcome(taken[0], StopReason.FINAL, "", iteration, ending=taken[1])
+                level.history.add_observation(observation)
         return await self.last_call(level)
 
     async def last_call(self, level: _Level) -> _Outcome:
@@ -457,7 +561,7 @@ class _Run:
         s = self.settings
         asked = level.iteration + 1
         messages = level.history.messages(extra_user=last_call_prompt(s.endings, s.max_iterations))
-        reply = await self.ask(messages, level.depth, asked, "last_call")
+        reply = await self.ask(messages, level.place, asked, "last_call")
         answer, ending = await self.take_last(level, reply.text)
         detail = f"stopped after {s.max_iterations} iterations"
         return _Outcome(answer, StopReason.MAX_ITERATIONS, detail, level.iteration, ending=ending)
@@ -516,7 +620,7 @@ class _Run:
         s = self.settings
 
         async def summarise(messages: list[ChatMessage]) -> str:
-            return (await self.ask(messages, level.depth, level.iteration, "compaction")).text
+            return (await self.ask(messages, level.place, level.iteration, "compaction")).text
 
         compaction = await level.history.compact_if_needed(
             max_chars=s.history_max_chars,
@@ -527,7 +631,7 @@ class _Run:
         if compaction is not None:
             self.event(
                 "compaction",
-                depth=level.depth,
+                level.place,
                 iteration=level.iteration,
                 mode=s.compaction,
                 dropped_turns=compaction.dropped_turns,
@@ -537,7 +641,7 @@ class _Run:
             )
 
     async def ask(
-        self, messages: list[ChatMessage], depth: int, iteration: int, purpose: str
+        self, messages: list[ChatMessage], place: _Place, iteration: int, purpose: str
     ) -> CompleteReply:
         s = self.settings
         self.counters.asking += 1
@@ -549,19 +653,25 @@ class _Run:
                 temperature=s.temperature,
                 timeout_s=s.model_timeout_s,
                 run=self.id,
-                depth=depth,
+                depth=place.depth,
             )
         finally:
             self.counters.asking -= 1
         self.counters.model_calls += 1
+        added, reset = self.deltas.delta(place.id, messages)
+        self.deltas.answered(place.id, reply.text)
         self.event(
             "model_call",
-            depth=depth,
+            place,
             iteration=iteration,
             purpose=purpose,
-            messages=[m.to_wire() for m in messages],
+            model=s.root_model,
+            added=added,
+            **({"reset": True} if reset else {}),
             response=reply.text,
+            stop_reason=reply.stop_reason,
             usage=reply.usage.to_wire(),
+            cost_usd=float(getattr(reply, "cost_usd", 0.0) or 0.0),
             latency_ms=reply.latency_ms,
             cached=reply.cached,
         )
@@ -577,25 +687,7 @@ class _Run:
         observations = []
         clean = True  # every block ran without an error and kept its state
         for index, code in enumerate(blocks):
-            result = await level.session.exec(code)
-            self.counters.sub_calls += result.llm_calls
-            self.event(
-                "exec",
-                depth=level.depth,
-                iteration=level.iteration,
-                block=index,
-                code=code,
-                stdout=result.stdout,
-                stderr=result.stderr,
-                error=None if result.error is None else result.error.to_wire(),
-                final=result.final,
-                final_var=result.final_var,
-                ending=result.ending,
-                elapsed_ms=result.elapsed_ms,
-                llm_calls=result.llm_calls,
-                truncated_chars=result.truncated_chars,
-                state_lost=result.state_lost,
-            )
+            result = await self.exec_block(level, index, code)
             observations.append(format_observation(index, len(blocks), code, result))
             if result.final is not None:
                 ending = _FROM_EXEC.get(result.ending or "", Ending.CODE_FINAL)
@@ -608,6 +700,57 @@ class _Run:
             if note:
                 observations.append(note)
         return None, "\n\n".join(observations)
+
+    async def exec_block(self, level: _Level, index: int, code: str) -> ExecResult:
+        """Run one block of the model's code, recording it and each sub-call it makes."""
+        place, iteration = level.place, level.iteration
+        place.block = index
+        self.event("exec_start", place, iteration=iteration, block=index, code=code)
+        kwargs: dict[str, Any] = {}
+        record_chars = self.settings.record_chars
+        if level.records is None:
+            level.records = _takes(level.session.exec, "on_sub_call")
+        if record_chars is not None and level.records:
+
+            def on_sub_call(record: SubCall) -> None:
+                self.event("sub_call", place, iteration=iteration, block=index, **record.to_wire())
+
+            kwargs["on_sub_call"] = on_sub_call
+            kwargs["record_chars"] = record_chars
+        if self.replay is not None:
+            replay = self.replay.sub_calls(place.id, iteration, index)
+            if replay is not None:
+                if not level.records:
+                    raise SettingsError(
+                        f"replaying sub-calls needs a sandbox session whose exec takes replay=; "
+                        f"{type(level.session).__name__} does not"
+                    )
+                kwargs["replay"] = replay
+        attributes = {"rlmq.level": place.id, "rlmq.iteration": iteration, "rlmq.block": index}
+        try:
+            with tracing.span("rlmq.exec", attributes=attributes):
+                result = await level.session.exec(code, **kwargs)
+                tracing.set_attributes({"rlmq.llm_calls": result.llm_calls})
+        finally:
+            place.block = None
+        self.counters.sub_calls += result.llm_calls
+        self.event(
+            "exec_end",
+            place,
+            iteration=iteration,
+            block=index,
+            stdout=result.stdout,
+            stderr=result.stderr,
+            error=None if result.error is None else result.error.to_wire(),
+            final=result.final,
+            final_var=result.final_var,
+            ending=result.ending,
+            elapsed_ms=result.elapsed_ms,
+            llm_calls=result.llm_calls,
+            truncated_chars=result.truncated_chars,
+            state_lost=result.state_lost,
+        )
+        return result
 
     async def act_on_prose(
         self, level: _Level, prose: FinalText | None, *, cut: bool
@@ -627,7 +770,7 @@ class _Run:
             # A FINAL cut off at the length limit is part of an answer: ask for it whole, keep
             # the part in case a limit stops the run first.
             level.best = prose.answer or level.best
-            self.event("final_cut", depth=level.depth, iteration=level.iteration, final=prose.answer)
+            self.event("final_cut", level.place, iteration=level.iteration, final=prose.answer)
             return None, CUT_OFF_NOTE
         return (prose.answer or "", Ending.PROSE_FINAL), ""
 
@@ -651,9 +794,7 @@ class _Run:
             level.hint_var = prose.var
         else:
             level.best = prose.answer or level.best
-        self.event(
-            "final_ignored", depth=level.depth, iteration=level.iteration, final=prose.answer or prose.var
-        )
+        self.event("final_ignored", level.place, iteration=level.iteration, final=prose.answer or prose.var)
         return note
 
     async def final_var(self, level: _Level, name: str, iteration: int) -> str | None:
@@ -661,7 +802,7 @@ class _Run:
         result = await level.session.exec(f"FINAL_VAR({name!r})")
         # Only FINAL_VAR's own answer counts (an answer dict made ready would also set ``final``).
         value = result.final if result.ending in (None, "final_var") else None
-        self.event("final_var", depth=level.depth, iteration=iteration, name=name, found=value is not None)
+        self.event("final_var", level.place, iteration=iteration, name=name, found=value is not None)
         return value
 
 
@@ -735,6 +876,7 @@ class Conversation:
         self._rlm._active[run.id] = run
         run.event(
             "run_start",
+            schema=SCHEMA,
             run=run.id,
             query=None,
             conversation=True,
@@ -745,7 +887,7 @@ class Conversation:
         try:
             # The handler's deadline would span the conversation: wall time counts per question here.
             await run.models.run_open(run.id, dataclasses.replace(s.limits(), deadline_s=None))
-            self._session = await run.open_session(context, 0)
+            self._session = await run.open_session(context, run.root)
         except BaseException:
             await self.close()
             raise
@@ -770,13 +912,16 @@ class Conversation:
                 self._history = History(self._prompt, f"Question: {query}")
             else:
                 self._history.follow_up(query, self._last_answer)
-            level = _Level(0, self._session, self._history)
+            level = _Level(run.root, self._session, self._history)
             try:
                 if self.asks > 1:
                     await self._session.exec('answer = {"content": "", "ready": False}')
-                outcome = run.finish(0, await run.iterate(level))
+                with tracing.span("rlmq.run", attributes={"rlmq.run": run.id, "rlmq.ask": self.asks}):
+                    outcome = run.finish(run.root, await run.iterate(level))
             except RlmqError as exc:
-                outcome = run.finish(0, run.stopped_by(exc, await run.fallback(level), level.iteration))
+                outcome = run.finish(
+                    run.root, run.stopped_by(exc, await run.fallback(level), level.iteration)
+                )
             self._last_answer = outcome.answer if outcome.reason.answered else None
             spent = _spent_between(before, await self._usage())
             return RunResult(

@@ -2,6 +2,8 @@
 
 Exit status: 0 with an answer (FINAL, or the best answer when the iteration limit was hit);
 3 when a budget or the wall time stopped the run; 1 on errors; 2 on bad arguments or config.
+
+``--resume RUN.jsonl`` continues a run that was cut (docs/trajectory.md, "Resume").
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlmq.protocol import ConfigError, RlmqError
+from rlmq.protocol import ConfigError, RlmqError, tracing
 from rlmq.protocol.security import CurveClientKeys, client_keys_from_env
 
 from .contexts import load_context
 from .errors import ContextError, NoServices
 from .local import services_or_private
-from .loop import StopReason, new_run_id
-from .runner import run_query
+from .loop import RunResult, StopReason, new_run_id
+from .replay import Recording
+from .runner import resume_run, run_query
 from .settings import load_run_settings
-from .trajectory import Trajectory
+from .trajectory import Trajectory, TrajectoryError
 
 __all__ = ["add_arguments", "main"]
 
@@ -31,12 +34,12 @@ DEFAULT_RUNS_DIR = Path("rlmq-runs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--query", "-q", required=True, help="the question to answer")
+    parser.add_argument("--query", "-q", help="the question to answer (with --resume: the recorded one)")
     parser.add_argument(
         "--context",
         "-c",
-        required=True,
-        help="a text file, a .json file (list or dict), a directory (dict of path to text), or - for stdin",
+        help="a text file, a .json file (list or dict), a directory (dict of path to text), or - for stdin "
+        "(with --resume: default the recorded context_path)",
     )
     parser.add_argument(
         "--config", default="rlmq.toml", help="TOML with [models.*] and optional [run] (default: %(default)s)"
@@ -64,6 +67,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of the bare answer"
     )
+    parser.add_argument(
+        "--record-chars",
+        type=_record_chars,
+        metavar="N|off",
+        help="record each sub-call in the trajectory, prompts longer than N characters kept as head "
+        "and tail (default 2000); off: record no sub-calls",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN.jsonl",
+        help="continue a run that was cut: replay its trajectory (no model calls, no cost), rebuild "
+        "the REPL by running its code again, then go on live under what is left of its budget, "
+        "appending to the same file. Settings come from the recording",
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export OpenTelemetry spans (rlmq.run, rlmq.iteration, rlmq.exec) over OTLP/HTTP to URL "
+        "(needs the otel extra); off by default",
+    )
+
+
+_OFF = -1  # --record-chars off, told apart from "not given"
+
+
+def _record_chars(text: str) -> int:
+    if text.strip().lower() in ("off", "none"):
+        return _OFF
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of characters or off, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (or off)")
+    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,8 +118,67 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _with_record_chars(overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    given = getattr(args, "record_chars", None)
+    if given is None:
+        return overrides
+    return {**overrides, "record_chars": None if given == _OFF else given}
+
+
+def _context_path(given: str) -> str | None:
+    return None if given == "-" else str(Path(given).resolve())
+
+
+async def _resume(args: argparse.Namespace, curve: CurveClientKeys | None) -> tuple[RunResult, Path]:
+    path = Path(args.resume)
+    recording = Recording.load(path)
+    source = args.context or recording.start.get("context_path")
+    if not source:
+        raise ContextError("--resume needs --context: the recording does not say where its context was")
+    if args.query is not None and args.query != recording.query:
+        raise ContextError(
+            "--query differs from the recorded question; a resumed run answers the recorded one"
+        )
+    context = load_context(source)
+    resumes = sum(1 for e in recording.events if e.get("event") == "resume")
+    run_id = f"{recording.run_id}-r{resumes + 1}"
+    last_t = float(recording.events[-1].get("t", 0.0))
+    trajectory = Trajectory(path, append=True, t_offset_s=last_t)
+    try:
+        async with services_or_private(args.handler, args.sandbox, args.config, guide="README") as (
+            handler,
+            sandbox,
+        ):
+            result = await resume_run(
+                recording,
+                context,
+                handler=handler,
+                sandbox=sandbox,
+                trajectory=trajectory,
+                run_id=run_id,
+                curve=curve,
+            )
+    finally:
+        trajectory.close()
+    return result, path
+
+
 async def _main(args: argparse.Namespace, curve: CurveClientKeys | None) -> int:
-    settings = load_run_settings(args.config, _overrides(args))
+    if args.otlp_endpoint:
+        tracing.configure(service="rlmq-run", endpoint=args.otlp_endpoint)
+    try:
+        return await _run_or_resume(args, curve)
+    finally:
+        tracing.shutdown()
+
+
+async def _run_or_resume(args: argparse.Namespace, curve: CurveClientKeys | None) -> int:
+    if args.resume:
+        result, path = await _resume(args, curve)
+        return _report(args, result, path)
+    if args.query is None or args.context is None:
+        raise ContextError("rlmq run needs --query and --context (or --resume RUN.jsonl)")
+    settings = load_run_settings(args.config, _with_record_chars(_overrides(args), args))
     context = load_context(args.context)
     run_id = new_run_id()
     path = Path(args.trajectory) if args.trajectory else DEFAULT_RUNS_DIR / f"{run_id}.jsonl"
@@ -100,9 +197,14 @@ async def _main(args: argparse.Namespace, curve: CurveClientKeys | None) -> int:
                 trajectory=trajectory,
                 run_id=run_id,
                 curve=curve,
+                context_path=_context_path(args.context),
             )
     finally:
         trajectory.close()
+    return _report(args, result, path)
+
+
+def _report(args: argparse.Namespace, result: RunResult, path: Path) -> int:
     if args.json:
         print(
             json.dumps(
@@ -139,7 +241,7 @@ def main(args: argparse.Namespace) -> int:
         # read here, at the entry point, and nowhere else.
         curve = client_keys_from_env(os.environ)
         return asyncio.run(_main(args, curve))
-    except (ConfigError, ContextError, NoServices) as exc:
+    except (ConfigError, ContextError, NoServices, TrajectoryError) as exc:
         print(f"rlmq run: {exc.message}", file=sys.stderr)
         return 2
     except RlmqError as exc:

@@ -45,6 +45,9 @@ class RunSettings:
     # Modules the worker imports into the REPL at session open (pure helpers: their public names,
     # and the module under its last name). One it cannot import fails the session's open.
     sandbox_modules: tuple[str, ...] = ()
+    # Sub-call records in the trajectory: prompts longer than this keep their head and tail
+    # (half each). None: sub-calls are not recorded (the pool sends no records at all).
+    record_chars: int | None = 2_000
 
     def __post_init__(self) -> None:
         # A TOML list, or a list given in Python, is kept as a tuple: the settings stay hashable.
@@ -76,6 +79,8 @@ class RunSettings:
             raise SettingsError("keep_last_turns must be at least 1")
         if self.tool_timeout_s is not None and self.tool_timeout_s <= 0:
             raise SettingsError("tool_timeout_s must be positive")
+        if self.record_chars is not None and self.record_chars < 0:
+            raise SettingsError("record_chars must be >= 0 (or none, to record no sub-calls)")
         for name in self.sandbox_modules:
             if not isinstance(name, str) or not all(p.isidentifier() for p in name.split(".")):
                 raise SettingsError(f"sandbox_modules: {name!r} is not a module name")

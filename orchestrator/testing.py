@@ -8,7 +8,9 @@
                           namespace holding ``context``, ``llm_query``, ``llm_query_batched``,
                           ``rlm_query``, ``FINAL``, ``FINAL_VAR``, ``SHOW_VARS`` and the
                           ``answer`` dict, wired to the fakes, with the worker's checks on
-                          sub-calls (context windows, a cap per exec).
+                          sub-calls (context windows, a cap per exec). Its execs report
+                          ``SubCall`` records (``on_sub_call``) and answer from a ``Replay``,
+                          as the pool's relay does.
     ManualClock           a clock the test moves by hand, for ``RLM(clock=...)``.
 
     rlm = RLM(models, InMemorySandbox(models), RunSettings())
@@ -52,7 +54,7 @@ from rlmq.protocol import (
     RunUsage,
     Usage,
 )
-from rlmq.protocol.sandbox import ExecError, ExecResult, SandboxError
+from rlmq.protocol.sandbox import ExecError, ExecResult, Replay, SandboxError, SubCall, prompt_sha256
 from rlmq.protocol.sandbox.client import ToolCallback
 
 from .interfaces import ModelClient, RlmCallback, Sandbox
@@ -380,6 +382,13 @@ class InMemorySession:
         self._final_var: str | None = None
         self._ending: str | None = None
         self._llm_calls = 0
+        # The exec in progress: its sub-call records and replay (the pool relay's job).
+        self._seq = 0
+        self._started = 0.0
+        self._on_sub_call: Callable[[SubCall], None] | None = None
+        self._record_chars: int | None = None
+        self._replay: Replay | None = None
+        self._replayed: dict[int, SubCall] = {}
         self.namespace: dict[str, Any] = {
             "__name__": "__main__",
             "__builtins__": builtins,
@@ -410,13 +419,31 @@ class InMemorySession:
 
     # ------------------------------------------------------------ the session interface
 
-    async def exec(self, code: str) -> ExecResult:
-        """Run ``code`` in a thread of its own, so its sub-calls can wait on this event loop."""
+    async def exec(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        on_sub_call: Callable[[SubCall], None] | None = None,
+        record_chars: int | None = None,
+        replay: Replay | None = None,
+    ) -> ExecResult:
+        """Run ``code`` in a thread of its own, so its sub-calls can wait on this event loop.
+
+        As the pool: with ``record_chars`` set, each sub-call is reported to ``on_sub_call`` (on
+        this event loop, before the result); ``replay`` answers sub-calls from a recording.
+        ``timeout_s`` is accepted and ignored (code in this process cannot be stopped)."""
         if self.closed:
             raise SandboxError(ErrorCode.UNKNOWN_SESSION, f"session {self.id} is closed")
         if self._busy:
             raise SandboxError(ErrorCode.SESSION_BUSY, f"session {self.id} is already running code")
         self._busy = True
+        self._seq = 0
+        self._started = time.perf_counter()
+        self._on_sub_call = on_sub_call if record_chars is not None else None
+        self._record_chars = record_chars
+        self._replay = replay
+        self._replayed = {} if replay is None else {c.seq: c for c in replay.calls}
         self.codes.append(code)
         loop = self._loop = asyncio.get_running_loop()
         done: asyncio.Future[ExecResult] = loop.create_future()
@@ -546,10 +573,9 @@ class InMemorySession:
                 f"about {window * 3:,} characters and use llm_query_batched over the chunks."
             )
         self._count(1, "llm_query")
+        seq = self._next_seq(1)
         try:
-            reply = self._wait(
-                lambda: client.complete(messages, model=alias, run=self.run, depth=self.depth + 1)
-            )
+            reply = self._wait(lambda: self._answer(client, seq, messages, alias))
         except RlmqError as exc:
             info = ErrorInfo.of(exc)
             raise LLMQueryError(f"llm_query failed ({info.code}): {info.message}") from None
@@ -572,10 +598,11 @@ class InMemorySession:
                 f"those into chunks of at most about {window * 3:,} characters."
             )
         self._count(len(batch), "llm_query_batched")
+        seq0 = self._next_seq(len(batch))
 
         async def gather() -> list[CompleteReply | BaseException]:
             return await asyncio.gather(
-                *(client.complete(m, model=alias, run=self.run, depth=self.depth + 1) for m in batch),
+                *(self._answer(client, seq0 + i, m, alias) for i, m in enumerate(batch)),
                 return_exceptions=True,
             )
 
@@ -595,6 +622,83 @@ class InMemorySession:
                 f"first error, at index {index}: ({info.code}) {info.message}"
             )
         return [r.text for r in replies if isinstance(r, CompleteReply)]
+
+    def _next_seq(self, n: int) -> int:
+        seq, self._seq = self._seq, self._seq + n
+        return seq
+
+    async def _answer(
+        self, client: ModelClient, seq: int, messages: list[ChatMessage], alias: str
+    ) -> CompleteReply:
+        """One sub-call, on the event loop: from the exec's replay when it has this call's
+        answer, else from the model client (or ``not_recorded``); recorded either way."""
+        sha = prompt_sha256((m.role, m.content) for m in messages)
+        started = time.perf_counter()
+        replay = self._replay
+        recorded = None
+        candidate = self._replayed.get(seq)
+        if candidate is not None and candidate.prompt_sha256 == sha:
+            recorded = candidate
+        reply: CompleteReply | None = None
+        error: ErrorInfo | None = None
+        if recorded is not None:
+            error = recorded.error
+            if error is None:
+                text = recorded.text or ""
+                reply = CompleteReply("replayed", text, alias, recorded.usage, cached=recorded.cached)
+        elif replay is not None and not replay.live:
+            error = ErrorInfo(ErrorCode.NOT_RECORDED, f"sub-call {seq} of this exec has no recorded answer")
+        else:
+            try:
+                reply = await client.complete(messages, model=alias, run=self.run, depth=self.depth + 1)
+            except RlmqError as exc:
+                error = ErrorInfo.of(exc)
+        if self._on_sub_call is not None:
+            self._on_sub_call(
+                self._record(seq, alias, messages, sha, reply, error, started, recorded is not None, replay)
+            )
+        if error is not None:
+            raise RemoteError(error.code, error.message, retryable=error.retryable)
+        assert reply is not None
+        return reply
+
+    def _record(
+        self,
+        seq: int,
+        alias: str,
+        messages: list[ChatMessage],
+        sha: str,
+        reply: CompleteReply | None,
+        error: ErrorInfo | None,
+        started: float,
+        replayed: bool,
+        replay: Replay | None,
+    ) -> SubCall:
+        prompt = "\n\n".join(m.content for m in messages if m.role == "user")
+        limit = self._record_chars or 0
+        head, tail = prompt, None
+        if len(prompt) > limit:
+            half = limit // 2
+            head, tail = prompt[:half], prompt[len(prompt) - half :]
+        now = time.perf_counter()
+        return SubCall(
+            seq=seq,
+            model=alias,
+            depth=self.depth + 1,
+            prompt=head,
+            prompt_tail=tail,
+            prompt_chars=len(prompt),
+            prompt_sha256=sha,
+            text=None if reply is None else reply.text,
+            usage=Usage(0, 0) if reply is None else reply.usage,
+            cost_usd=0.0,
+            cached=False if reply is None else reply.cached,
+            error=error,
+            started_ms=round((started - self._started) * 1000, 3),
+            latency_ms=round((now - started) * 1000, 3),
+            replayed=replayed,
+            diverged=replay is not None and not replayed and not replay.live,
+        )
 
     def _rlm_query(self, prompt: str, context: Any = None) -> str:
         if self.depth + 1 >= self.max_depth:

@@ -29,6 +29,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "rlmq.serve.cli",
         "answer OpenAI-compatible chat completion requests over HTTP with RLM runs",
     ),
+    "view": (
+        "rlmq.view.cli",
+        "show a run's trajectory in the browser, live while it runs (or write one HTML file)",
+    ),
+    "replay": (
+        "rlmq.orchestrator.replay_cli",
+        "run a recorded trajectory again offline and report where it diverges (exit 1) or that it matched",
+    ),
     "keys": ("rlmq.protocol.security", "make CURVE keys for handlers and pools listening on TCP"),
     "fake-provider": (
         "rlmq.fakeprovider.cli",
@@ -36,7 +44,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 # Long-running services log their life cycle at INFO by default; one-shot commands stay quiet.
-SERVICES = frozenset({"handler", "sandbox", "fake-provider", "up", "serve"})
+SERVICES = frozenset({"handler", "sandbox", "fake-provider", "up", "serve", "view"})
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

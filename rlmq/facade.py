@@ -194,7 +194,8 @@ class _ProgressTracker:
             self.model_calls += 1
             out = fields.get("usage", {}).get("output_tokens", 0)
             message = f"{where}: the model replied ({out} tokens)"
-        elif name == "exec":
+        elif name == "exec_end":
+            name = "exec"  # the progress step's name, older than trajectory events' exec_end
             calls = int(fields.get("llm_calls", 0))
             self.sub_calls += calls
             message = f"{where}: code block {int(fields.get('block', 0)) + 1} ran, {calls} sub-calls"

@@ -109,6 +109,12 @@ def test_every_subcommand_module_adds_its_arguments(command: str, capsys: pytest
     [
         ("loadtest", ["--connect", "--spawn", "--requests", "--rate", "--provider", "--json"]),
         ("fake-provider", ["--port", "--api-key", "--latency-s", "--rate-limit-fraction", "--seed"]),
+        ("handler", ["--config", "--bind", "--metrics-bind", "--otlp-endpoint"]),
+        ("sandbox", ["--handler", "--bind", "--workers", "--metrics-bind", "--otlp-endpoint"]),
+        ("run", ["--query", "--context", "--handler", "--sandbox", "--trajectory", "--resume", "--json"]),
+        ("replay", ["--json"]),
+        ("view", ["--html"]),
+        ("up", ["--config", "--handlers"]),
     ],
 )
 def test_the_tools_keep_their_flags(command: str, flags: list[str]) -> None:

@@ -80,7 +80,7 @@ def test_run_command_answers_and_writes_the_trajectory(tmp_path: Path) -> None:
     assert kinds[0] == "run_start"
     assert kinds[-1] == "run_end"
     assert kinds.count("model_call") == 3
-    assert [r["llm_calls"] for r in records if r["event"] == "exec"] == [0, 7]
+    assert [r["llm_calls"] for r in records if r["event"] == "exec_end"] == [0, 7]
     assert [r["found"] for r in records if r["event"] == "final_var"] == [True]
     assert records[-1]["answer"] == "7 needles"
 

@@ -83,13 +83,13 @@ async def test_final_in_code_ends_after_that_block(kit: Kit) -> None:
     assert (result.answer, result.stop_reason, result.iterations) == ("42", StopReason.FINAL, 2)
     assert "42" in kit.user(1)  # the model saw its output before answering
     assert kit.sandbox.sessions[0].codes == ["x = 2", "y = x * 21\nprint(y)", "FINAL(y)"]  # z = 1 never ran
-    assert [e["block"] for e in kit.events("exec")] == [0, 1, 0]
+    assert [e["block"] for e in kit.events("exec_end")] == [0, 1, 0]
 
 
 async def test_final_var_in_code(kit: Kit) -> None:
     result = await run(kit, ["```repl\nanswer = context[::-1]\nFINAL_VAR('answer')\n```"])
     assert (result.answer, result.stop_reason) == ("olleh", "final")
-    assert kit.events("exec")[0]["final_var"] == "answer"
+    assert kit.events("exec_end")[0]["final_var"] == "answer"
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ async def test_final_var_in_code(kit: Kit) -> None:
 async def test_final_as_text_without_code(kit: Kit, response: str, answer: str) -> None:
     result = await run(kit, [response])
     assert (result.answer, result.stop_reason, result.iterations) == (answer, "final", 1)
-    assert not kit.events("exec")
+    assert not kit.events("exec_end")
 
 
 @pytest.mark.parametrize("name", ["result", '"result"', "'result'"])
@@ -133,7 +133,7 @@ async def test_broken_code_is_shown_and_the_next_turn_recovers(kit: Kit) -> None
     result = await run(kit, ["```repl\n1/0\n```", "```repl\nFINAL('fixed')\n```"])
     assert "ZeroDivisionError" in kit.user(1)
     assert "Traceback" in kit.user(1)
-    assert kit.events("exec")[0]["error"]["type"] == "ZeroDivisionError"
+    assert kit.events("exec_end")[0]["error"]["type"] == "ZeroDivisionError"
     assert result.answer == "fixed"
 
 
@@ -322,7 +322,7 @@ async def test_a_child_stopped_by_a_limit_fails_its_rlm_query(kit: Kit) -> None:
         max_depth=2,
         max_calls=2,  # the root's first call and the child's first: then the budget is spent
     )
-    (root_exec,) = [e for e in kit.events("exec") if e["depth"] == 0]
+    (root_exec,) = [e for e in kit.events("exec_end") if e["depth"] == 0]
     assert root_exec["stdout"].startswith(
         "child: rlm_query failed: (rlm_failed) the recursive run stopped: budget_exceeded (run 't1': "
     )
@@ -458,7 +458,7 @@ async def test_two_concurrent_runs_on_one_rlm_keep_separate_state() -> None:
     assert {e["run"] for e in tb.events if "run" in e} == {"b"}
     assert len(events(ta, "model_call")) == 3
     assert len(events(tb, "model_call")) == 1
-    assert [e["llm_calls"] for e in events(ta, "exec")] == [0, 1]
+    assert [e["llm_calls"] for e in events(ta, "exec_end")] == [0, 1]
     # Each run was billed to its own budget.
     assert ((await model.usage("a")).calls, (await model.usage("b")).calls) == (4, 1)
     assert rlm.counters("a") is None

@@ -67,7 +67,7 @@ async def test_blocks_run_in_order_and_final_in_code(stack: Stack) -> None:
     )
     assert (result.answer, result.stop_reason, result.iterations) == ("42", "final", 2)
     assert "42" in last_user(stack, 1)  # the model saw its output before answering
-    assert [e["block"] for e in events(trajectory, "exec")] == [0, 1, 0]
+    assert [e["block"] for e in events(trajectory, "exec_end")] == [0, 1, 0]
     assert result.usage is not None
     assert result.usage.calls == 2
 
@@ -208,7 +208,7 @@ async def test_a_failed_child_run_reaches_the_models_code_as_rlm_failed(stack: S
         max_depth=2,
         max_calls=2,
     )
-    (root_exec,) = [e for e in events(trajectory, "exec") if e["depth"] == 0]
+    (root_exec,) = [e for e in events(trajectory, "exec_end") if e["depth"] == 0]
     assert "rlm_query failed: (rlm_failed) the recursive run stopped: budget_exceeded" in root_exec["stdout"]
     assert result.stop_reason == "budget_exceeded"
 

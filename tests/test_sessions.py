@@ -20,6 +20,7 @@ from rlmq.orchestrator import RLM as Loop
 from rlmq.orchestrator import RunSettings, StopReason
 from rlmq.orchestrator.history import History
 from rlmq.orchestrator.testing import InMemorySandbox, ScriptedModelClient
+from rlmq.orchestrator.trajectory import rebuild_history
 
 
 def repl(code: str) -> str:
@@ -77,8 +78,8 @@ def test_the_history_carries_the_earlier_question_and_answer(rlm: RLM) -> None:
     with rlm.session("abcdef") as s:
         s.ask("How long is it?")
         b = s.ask("And twice that?")
-    calls = [e for e in read(b.trajectory) if e["event"] == "model_call"]
-    messages = [(m["role"], m["content"]) for m in calls[1]["messages"]]
+    calls = rebuild_history(read(b.trajectory), "0")
+    messages = [(m["role"], m["content"]) for m in calls[1]]
     assert messages[1:] == [
         ("user", "Question: How long is it?"),
         ("assistant", SCRIPTS["chat"][0]),

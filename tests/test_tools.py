@@ -131,10 +131,10 @@ def test_a_tool_runs_here_and_its_result_is_used(rlm: RLM) -> None:
     assert (result.answer, result.stop_reason) == ("2:acme-1", StopReason.FINAL)
     # The call ran in this process (the orchestrator's), not in the worker.
     assert calls_seen == [("search", ("acme", 2, os.getpid()))]
-    execs = trajectory_events(result.trajectory, "exec")
+    execs = trajectory_events(result.trajectory, "exec_end")
     assert execs[0]["stdout"] == "['acme-0', 'acme-1']\n"
     # The system prompt describes the tool from its signature and its docstring's summary.
-    system = trajectory_events(result.trajectory, "model_call")[0]["messages"][0]["content"]
+    system = trajectory_events(result.trajectory, "model_call")[0]["added"][0]["content"]
     assert "`search(query: str, k: int = 3) -> list[str]`: Search the vendor index for ``query``." in system
     assert "Not in the prompt" not in system
     assert "`boom(code: int) -> None`: Always fails." in system
@@ -151,7 +151,7 @@ def test_a_tool_that_raises_is_an_exception_in_the_code(rlm: RLM) -> None:
 def test_an_uncaught_tool_error_is_the_blocks_error_and_the_run_goes_on(rlm: RLM) -> None:
     result = rlm.completion("q", "ctx", root_model="uncaught")
     assert (result.answer, result.iterations) == ("went on", 2)
-    error = trajectory_events(result.trajectory, "exec")[0]["error"]
+    error = trajectory_events(result.trajectory, "exec_end")[0]["error"]
     assert error["type"] == "ToolError"
     assert "boom() raised ValueError: no such record 8" in error["message"]
 
@@ -182,7 +182,7 @@ def test_child_runs_see_the_same_tools(rlm: RLM) -> None:
     calls_seen.clear()
     result = rlm.completion("q", "ctx", root_model="child", max_depth=2)
     assert result.stop_reason == StopReason.FINAL
-    root_exec = next(e for e in trajectory_events(result.trajectory, "exec") if e["depth"] == 0)
+    root_exec = next(e for e in trajectory_events(result.trajectory, "exec_end") if e["depth"] == 0)
     assert root_exec["stdout"] == "child-0\n"
     assert calls_seen == [("search", ("child", 1, os.getpid()))]
 
@@ -190,7 +190,7 @@ def test_child_runs_see_the_same_tools(rlm: RLM) -> None:
 def test_an_rlm_without_tools_gives_the_code_none(rlm: RLM) -> None:
     view = rlm.with_options(tools={}, root_model="uncaught")
     result = view.completion("q", "ctx")
-    assert trajectory_events(result.trajectory, "exec")[0]["error"]["type"] == "NameError"
+    assert trajectory_events(result.trajectory, "exec_end")[0]["error"]["type"] == "NameError"
 
 
 # ---------------------------------------------------------------- sandbox_modules
@@ -199,7 +199,7 @@ def test_an_rlm_without_tools_gives_the_code_none(rlm: RLM) -> None:
 def test_sandbox_modules_put_helpers_in_the_repl(rlm: RLM) -> None:
     result = rlm.completion("q", "ctx", root_model="modules", sandbox_modules=["statistics"])
     assert result.answer == "3|3|0.0"
-    system = trajectory_events(result.trajectory, "model_call")[0]["messages"][0]["content"]
+    system = trajectory_events(result.trajectory, "model_call")[0]["added"][0]["content"]
     assert "- `statistics`: the module `statistics`" in system
     assert "`median(data)`: Return the median (middle value) of numeric data." in system
 
