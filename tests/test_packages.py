@@ -92,6 +92,8 @@ def test_the_rules_see_the_tools() -> None:
         "rlmq.fakeprovider",
         "rlmq.eval",
         "rlmq.serve",
+        "rlmq.view",
+        "rlmq.lmhandler.state",
         "rlmq.facade",
     ],
 )

@@ -1,0 +1,115 @@
+"""Incremental reads of a JSON-lines trajectory that may still be growing.
+
+A writer flushes one whole line at a time, but a reader can catch it mid-line (or after a crash
+that tore the last line). ``read_lines`` returns only whole lines and the byte offset just past
+the last one, so the next call picks the torn line up again once the writer has finished it.
+``read_from`` is the same, parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "Lines", "newest_run", "parse_lines", "read_from", "read_lines"]
+
+DEFAULT_CHUNK_BYTES = 8 << 20  # per answer, so a 10,000-sub-call run reaches the page in a few pieces
+
+
+@dataclass(frozen=True, slots=True)
+class Lines:
+    """The whole lines (bytes, each ending in a newline) from where the read began up to ``offset``."""
+
+    data: bytes
+    offset: int  # where the next read begins
+    size: int  # the file's size when read: offset < size means more is waiting (or a torn line)
+    reset: bool = False  # the file shrank below the asked offset (rewritten): data starts at 0
+    more: bool = False  # the size limit stopped the read: ask again at once for the rest
+    exists: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Whole events read up to ``offset``; fields as in ``Lines``."""
+
+    events: list[dict[str, Any]]
+    offset: int
+    size: int
+    reset: bool = False
+    bad_lines: int = 0  # whole lines that were not a JSON object, skipped
+    more: bool = False
+
+
+def read_lines(path: str | Path, offset: int = 0, *, max_bytes: int = DEFAULT_CHUNK_BYTES) -> Lines:
+    """The whole lines of ``path`` from byte ``offset`` on, about ``max_bytes`` of them at most.
+
+    A line longer than ``max_bytes`` is still returned whole. A missing file is empty, so a viewer
+    started before the run's first line waits for it.
+    """
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, not {offset}")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below; a missing file is not an error)
+    except FileNotFoundError:
+        return Lines(b"", 0, 0, reset=offset > 0, exists=False)
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        reset = offset > size
+        start = 0 if reset else offset
+        f.seek(start)
+        data = f.read(max_bytes)
+        end = data.rfind(b"\n")
+        # One line longer than the limit: read on until its end (or the file's).
+        while end < 0:
+            more_data = f.read(max_bytes)
+            if not more_data:
+                break
+            newline = more_data.find(b"\n")
+            if newline >= 0:
+                end = len(data) + newline
+            data += more_data
+    if end < 0:
+        return Lines(b"", start, size, reset=reset)
+    new_offset = start + end + 1
+    more = len(data) >= max_bytes and new_offset < size
+    return Lines(data[: end + 1], new_offset, size, reset=reset, more=more)
+
+
+def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """The JSON objects of ``data``'s lines, and how many non-blank lines were not one."""
+    events: list[dict[str, Any]] = []
+    bad = 0
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+        else:
+            bad += 1
+    return events, bad
+
+
+def read_from(path: str | Path, offset: int = 0, *, max_bytes: int = DEFAULT_CHUNK_BYTES) -> Chunk:
+    """``read_lines``, parsed: the events of the whole lines from ``offset`` on."""
+    lines = read_lines(path, offset, max_bytes=max_bytes)
+    events, bad = parse_lines(lines.data)
+    return Chunk(events, lines.offset, lines.size, reset=lines.reset, bad_lines=bad, more=lines.more)
+
+
+def newest_run(directory: str | Path) -> Path | None:
+    """The most recently modified ``*.jsonl`` in ``directory`` (None when there is none)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return None
+    runs = [p for p in folder.glob("*.jsonl") if p.is_file()]
+    if not runs:
+        return None
+    return max(runs, key=lambda p: (p.stat().st_mtime_ns, p.name))
