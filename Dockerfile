@@ -7,6 +7,9 @@
 # Without an image registry (scripts/build-base-image makes a Debian base locally):
 #   docker build --network none --build-arg BASE_IMAGE=rlmq-base:bookworm -t rlmq .
 # APT_PACKAGES adds Debian packages (needs network), e.g. bubblewrap for isolation = "bwrap".
+# Debian's redis-server is installed unless the base image has it (the compose file's `redis`
+# service runs it from this image): that needs network too, or a base image that has it
+# (scripts/compose-test makes one).
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
@@ -23,9 +26,15 @@ ARG APT_PACKAGES=""
 # /run/rlmq holds the ipc sockets (a volume the services share): group rlmq may create sockets
 # there, others (the sandbox workers' uids) may only reach sockets by name. /var/lib/rlmq is the
 # orchestrator's working directory (trajectories go to rlmq-runs/ in it).
-RUN if [ -n "$APT_PACKAGES" ]; then \
-      apt-get update && apt-get install -y --no-install-recommends $APT_PACKAGES \
-      && rm -rf /var/lib/apt/lists/*; \
+# policy-rc.d: a package's install script must not start its service inside the build.
+RUN pkgs="$APT_PACKAGES"; \
+    command -v redis-server >/dev/null || pkgs="$pkgs redis-server"; \
+    if [ -n "$(echo $pkgs)" ]; then \
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d \
+      && { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $pkgs \
+           || { echo "cannot install$pkgs: this build has no network to a Debian mirror; build with" \
+                "network or from a base image that has them" >&2; exit 1; }; } \
+      && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /usr/sbin/policy-rc.d; \
     fi \
  && groupadd --system --gid 10001 rlmq \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/rlmq --no-create-home \

@@ -1,8 +1,10 @@
-"""A handler and a sandbox pool on this machine, as child processes.
+"""Handlers and a sandbox pool on this machine, as child processes.
 
 ``rlmq up`` runs them in the foreground; ``rlmq run`` without addresses and ``rlmq demo`` start
 private ones on ipc:// sockets in a temporary directory and stop them afterwards. They are started
-through the ``rlmq`` command, so this package never imports the other services.
+through the ``rlmq`` command, so this package never imports the other services. Several handlers
+share their state through Redis: the config's ``[state] url``, else a private ``redis-server`` on a
+random loopback port (no persistence), stopped with the rest.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+import tomllib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +39,20 @@ class _Child:
     process: asyncio.subprocess.Process
     log_path: Path
     address: str = ""
+    drain: asyncio.Task[None] | None = None  # copies a chatty child's stdout to its log
 
 
 @dataclass
 class LocalServices:
+    """What ``local_services`` started. ``handler`` is every handler's address, comma-joined:
+    the one string any ``--handler`` takes."""
+
     handler: str
     sandbox: str
     directory: Path
+    handlers: tuple[str, ...] = ()
+    state_url: str | None = None  # the shared state the handlers use (None: each its own, in-process)
+    private_redis: bool = False  # state_url is a redis-server started here
 
 
 async def _start(
@@ -77,17 +89,165 @@ async def _start(
 
 
 async def _stop(child: _Child, timeout_s: float = 15.0) -> None:
-    if child.process.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        child.process.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(child.process.wait(), timeout_s)
-    except TimeoutError:
-        log.warning("%s did not stop within %.0f s; killing it", child.name, timeout_s)
+    if child.process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.process.pid, signal.SIGKILL)
-        await child.process.wait()
+            child.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(child.process.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("%s did not stop within %.0f s; killing it", child.name, timeout_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)
+            await child.process.wait()
+    if child.drain is not None:
+        # The pipe reaches EOF once the process is gone; bounded in case a grandchild holds it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(child.drain), 5.0)
+        child.drain.cancel()
+
+
+# ------------------------------------------------------------------ shared state for N handlers
+
+REDIS_READY = b"Ready to accept connections"
+REDIS_ATTEMPTS = 3  # a port found free may be taken before redis-server binds it
+
+
+def redis_server_binary() -> str | None:
+    """The ``redis-server`` on PATH (Debian's is /usr/bin/redis-server), or None."""
+    return shutil.which("redis-server")
+
+
+def state_url_of(config: str | os.PathLike[str]) -> str | None:
+    """The config's ``[state] url``, if it has one."""
+    try:
+        with open(config, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ServiceError(f"cannot read {config}: {exc}") from None
+    state = data.get("state")
+    url = state.get("url") if isinstance(state, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _copy_to(stream: asyncio.StreamReader, path: Path) -> None:
+    with path.open("ab") as out:
+        while line := await stream.readline():
+            out.write(line)
+            out.flush()
+
+
+async def _start_redis(directory: Path) -> tuple[_Child, str]:
+    """A private redis-server on a random loopback port, persistence off; its ``redis://`` URL."""
+    binary = redis_server_binary()
+    if binary is None:
+        raise ServiceError(
+            "several handlers share their state through Redis: set [state] url = "
+            '"redis://HOST:PORT/DB" in the config, or install redis-server (Debian: '
+            "apt-get install redis-server) and rlmq up starts a private one"
+        )
+    log_path = directory / "redis.log"
+    output = b""
+    for _ in range(REDIS_ATTEMPTS):
+        port = _free_loopback_port()
+        # start_new_session: our Ctrl-C goes to us, and we stop redis last, after the handlers.
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+            *("--dir", str(directory), "--logfile", "", "--daemonize", "no"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        child = _Child("redis", process, log_path, f"redis://127.0.0.1:{port}/0")
+        assert process.stdout is not None
+        output = b""
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                while line := await process.stdout.readline():
+                    output += line
+                    if REDIS_READY in line:
+                        break
+        except TimeoutError:
+            await _stop(child)
+            raise ServiceError(f"redis-server did not become ready within {READY_TIMEOUT_S:g} s") from None
+        log_path.write_bytes(output)
+        if REDIS_READY in output:
+            child.drain = asyncio.create_task(_copy_to(process.stdout, log_path))
+            return child, child.address
+        await _stop(child)
+        if b"Address already in use" not in output:
+            break
+    tail = output.decode(errors="replace")[-2000:]
+    raise ServiceError(f"redis-server failed to start:\n{tail}")
+
+
+_STATE_HEADER = re.compile(r"^[ \t]*\[[ \t]*state[ \t]*\][ \t]*(#.*)?$", re.M)
+
+
+def _config_with_state(config: Path, url: str) -> Path:
+    """A copy of ``config`` with ``[state] url`` set, beside it (its relative paths still hold);
+    the caller removes it."""
+    text = config.read_text()
+    header = _STATE_HEADER.search(text)
+    line = f'url = "{url}"  # a private redis-server started by rlmq up\n'
+    if header is not None:
+        text = text[: header.end()] + "\n" + line + text[header.end() :].removeprefix("\n")
+    else:
+        text = "state." + line + text  # a dotted key before any table: [state] url
+    try:
+        ok = tomllib.loads(text).get("state", {}).get("url") == url
+    except tomllib.TOMLDecodeError:
+        ok = False
+    if not ok:
+        raise ServiceError(
+            f'cannot add [state] url to {config}; set [state] url = "redis://HOST:PORT/DB" in it yourself'
+        )
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{config.stem}-up-", suffix=".toml", dir=config.parent)
+    except OSError as exc:
+        raise ServiceError(
+            f"cannot write a config beside {config} ({exc.strerror}); set [state] url in it yourself"
+        ) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return Path(name)
+
+
+def handler_binds(
+    given: Sequence[str], count: int, *, directory: Path, taken: Sequence[str] = ()
+) -> list[str]:
+    """One address per handler: those given, then more derived from the first (ipc: a ``-N``
+    suffix; tcp: the next ports not in ``taken``; port 0 stays 0, a random port each)."""
+    if not given:
+        if count == 1:
+            return [f"ipc://{directory}/handler.sock"]  # as with one handler always
+        return [f"ipc://{directory}/handler-{i}.sock" for i in range(1, count + 1)]
+    binds = list(given[:count])
+    used = set(binds) | set(taken)
+    n = 2
+    while len(binds) < count:
+        candidate = _derived_bind(binds[0], n)
+        n += 1
+        if candidate.endswith(":0") or candidate not in used:
+            binds.append(candidate)
+            used.add(candidate)
+    return binds
+
+
+def _derived_bind(address: str, n: int) -> str:
+    scheme, _, rest = address.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme == "tcp" and port.isdigit():
+        return address if port == "0" else f"tcp://{host}:{int(port) + n - 1}"
+    root, ext = os.path.splitext(address)  # ipc:///x/handler.sock -> ipc:///x/handler-2.sock
+    return f"{root}-{n}{ext}"
 
 
 # What a private pool keeps of this process's environment: enough to run Python and find rlmq,
@@ -107,49 +267,63 @@ async def local_services(
     *,
     workers: int | None = None,
     directory: str | os.PathLike[str] | None = None,
-    handler_bind: str | None = None,
+    handler_bind: str | Sequence[str] | None = None,
     sandbox_bind: str | None = None,
+    handlers: int = 1,
 ) -> AsyncIterator[LocalServices]:
-    """Start a handler and a pool (ipc:// in a private directory unless binds are given)."""
+    """Start ``handlers`` handlers and a pool given all their addresses (ipc:// in a private
+    directory unless binds are given; ``handler_bind``: one address per handler, the missing ones
+    derived from the first). More than one handler shares the config's ``[state] url``, else a
+    private redis-server this starts and stops (``ServiceError`` when there is none)."""
+    if handlers < 1:
+        raise ServiceError(f"handlers must be at least 1, not {handlers}")
     own_dir = directory is None
     base = Path(tempfile.mkdtemp(prefix="rlmq-")) if directory is None else Path(directory)
     base.mkdir(parents=True, exist_ok=True)
+    given = [handler_bind] if isinstance(handler_bind, str) else list(handler_bind or ())
+    binds = handler_binds(given, handlers, directory=base, taken=[sandbox_bind] if sandbox_bind else [])
     children: list[_Child] = []
+    handler_config = Path(config)
+    derived: Path | None = None
+    state_url: str | None = None
     try:
-        handler = await _start(
-            "handler",
-            # Private services serve only the runs this process opens (with keys): a call with no
-            # run, from code that found the socket, is refused (docs/security.md).
-            [
-                "handler",
-                "--config",
-                str(config),
-                "--bind",
-                handler_bind or f"ipc://{base}/handler.sock",
-                "--no-anonymous",
-            ],
-            "lmhandler ready on ",
-            base,
-        )
-        children.append(handler)
-        sandbox_args = [
-            "sandbox",
-            "--handler",
-            handler.address,
-            "--bind",
-            sandbox_bind or f"ipc://{base}/sandbox.sock",
-        ]
+        if handlers > 1:
+            state_url = await asyncio.to_thread(state_url_of, config)
+            if state_url is None:
+                redis, state_url = await _start_redis(base)
+                children.append(redis)
+                derived = await asyncio.to_thread(_config_with_state, Path(config), state_url)
+                handler_config = derived
+        started: list[_Child] = []
+        for i, bind in enumerate(binds, start=1):
+            child = await _start(
+                "handler" if handlers == 1 else f"handler-{i}",
+                # Private services serve only the runs this process opens (with keys): a call with
+                # no run, from code that found the socket, is refused (docs/security.md).
+                ["handler", "--config", str(handler_config), "--bind", bind, "--no-anonymous"],
+                "lmhandler ready on ",
+                base,
+            )
+            children.append(child)
+            started.append(child)
+        addresses = tuple(child.address for child in started)
+        front = ",".join(addresses)  # one front of several handlers, as every --handler takes it
+        sandbox_args = ["sandbox", "--handler", front, "--bind", sandbox_bind or f"ipc://{base}/sandbox.sock"]
         sandbox_args += ["--config", str(config)]  # the pool reads its optional [sandbox] table
         if workers is not None:
             sandbox_args += ["--workers", str(workers)]
         # The pool needs no API key: it gets the environment without the handler's secrets.
         sandbox = await _start("sandbox", sandbox_args, "sandbox ready on ", base, env=_pool_env(os.environ))
         children.append(sandbox)
-        yield LocalServices(handler.address, sandbox.address, base)
+        yield LocalServices(
+            front, sandbox.address, base, addresses, state_url, private_redis=derived is not None
+        )
     finally:
-        # The pool first: its workers may still be talking to the handler.
+        # The pool first: its workers may still be talking to the handlers; Redis last.
         for child in reversed(children):
             await _stop(child)
+        if derived is not None:
+            derived.unlink(missing_ok=True)
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
 

@@ -1,4 +1,4 @@
-"""``rlmq up``: a handler and a sandbox pool on this machine, in the foreground."""
+"""``rlmq up``: handlers and a sandbox pool on this machine, in the foreground."""
 
 from __future__ import annotations
 
@@ -9,15 +9,39 @@ import sys
 from pathlib import Path
 
 from .errors import ServiceError
-from .local import local_services
+from .local import LocalServices, local_services
 
 __all__ = ["add_arguments", "main"]
+
+DEFAULT_HANDLER_BIND = "tcp://127.0.0.1:5555"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="rlmq.toml", help="TOML with [models.*] (default: %(default)s)")
     parser.add_argument(
-        "--handler-bind", default="tcp://127.0.0.1:5555", help="handler address (default: %(default)s)"
+        "--handlers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="handler processes sharing one state (default: one per --handler-bind, else 1). With N > 1 "
+        "they share the config's [state] url, else a private redis-server (Debian's redis-server "
+        "package) on a random loopback port, without persistence, stopped with the rest",
+    )
+    parser.add_argument(
+        "--handler-bind",
+        action="append",
+        default=None,
+        metavar="ADDR",
+        help=f"a handler's address; repeat for each handler (default: {DEFAULT_HANDLER_BIND}). "
+        "Handlers without one get the first's next free ports (tcp; port 0: a random port each) "
+        "or a -N suffix (ipc)",
     )
     parser.add_argument(
         "--sandbox-bind", default="tcp://127.0.0.1:5556", help="pool address (default: %(default)s)"
@@ -27,21 +51,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _announce(services: LocalServices) -> None:
+    """Every address on stdout, the line with all of them last (scripts wait for it)."""
+    several = len(services.handlers) > 1
+    if several:
+        for i, address in enumerate(services.handlers, start=1):
+            print(f"rlmq up: handler {i} on {address}", flush=True)
+        kind = "a private redis-server, stopped with the rest" if services.private_redis else "[state] url"
+        print(f"rlmq up: shared state on {services.state_url} ({kind})", flush=True)
+    print(f"rlmq up: handler on {services.handler}, sandbox on {services.sandbox}", flush=True)
+    print(
+        f"  ask: rlmq run --handler {services.handler} --sandbox {services.sandbox} "
+        "--query '...' --context FILE",
+        file=sys.stderr,
+    )
+    logs = [f"handler-{i}.log" for i in range(1, len(services.handlers) + 1)] if several else ["handler.log"]
+    logs += ["sandbox.log"] + (["redis.log"] if services.private_redis else [])
+    print(f"  logs: {', '.join(f'{services.directory}/{name}' for name in logs)}", file=sys.stderr)
+
+
 async def _main(args: argparse.Namespace) -> int:
+    binds = args.handler_bind or [DEFAULT_HANDLER_BIND]
+    count = args.handlers if args.handlers is not None else len(args.handler_bind or ()) or 1
+    # Signals are ours from the start: one during start-up stops everything once it is up, so
+    # no child (each in its own session) is left behind.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     async with local_services(
-        args.config, workers=args.workers, handler_bind=args.handler_bind, sandbox_bind=args.sandbox_bind
+        args.config,
+        workers=args.workers,
+        handler_bind=binds,
+        sandbox_bind=args.sandbox_bind,
+        handlers=count,
     ) as services:
-        print(f"rlmq up: handler on {services.handler}, sandbox on {services.sandbox}", flush=True)
-        print(
-            f"  ask: rlmq run --handler {services.handler} --sandbox {services.sandbox} "
-            "--query '...' --context FILE",
-            file=sys.stderr,
-        )
-        print(f"  logs: {services.directory}/handler.log, {services.directory}/sandbox.log", file=sys.stderr)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        _announce(services)
         await stop.wait()
         print("rlmq up: stopping", file=sys.stderr)
     return 0

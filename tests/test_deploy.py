@@ -30,7 +30,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
 ENTRYPOINT = ROOT / "deploy" / "docker" / "rlmq-entrypoint"
 HEALTH = ROOT / "deploy" / "docker" / "rlmq_health.py"
-SERVICES = ("lmhandler", "sandbox", "orchestrator")
+HANDLERS = ("lmhandler-1", "lmhandler-2")
+SERVICES = ("redis", *HANDLERS, "sandbox", "orchestrator")
 # What the sandbox pool may keep of root's powers: dropping to per-worker uids and cleaning up.
 SANDBOX_CAPS = {"SETUID", "SETGID", "KILL", "CHOWN", "DAC_OVERRIDE", "FOWNER"}
 
@@ -94,33 +95,35 @@ def test_compose_config_validates_with_the_compose_binary() -> None:
         env={**os.environ, "RLMQ_CURVE_SERVER_SECRET": "", "ANTHROPIC_API_KEY": ""},
     )
     assert done.returncode == 0, done.stderr
-    override = ROOT / "deploy" / "compose" / "bwrap.yml"
-    done = subprocess.run(
-        [*compose, "-f", str(COMPOSE_FILE), "-f", str(override), "config", "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr
+    for override in ("bwrap.yml", "redis-official.yml"):
+        files = ["-f", str(COMPOSE_FILE), "-f", str(ROOT / "deploy" / "compose" / override)]
+        done = subprocess.run(
+            [*compose, *files, "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert done.returncode == 0, f"{override}: {done.stderr}"
 
 
-def test_compose_has_three_services_from_one_image() -> None:
+def test_compose_has_its_services_from_one_image() -> None:
     services = load_compose()["services"]
     assert set(services) == set(SERVICES)
     images = {s.get("image") for s in services.values()}
-    assert images == {"${RLMQ_IMAGE:-rlmq:latest}"}
-    build = services["lmhandler"]["build"]
+    assert images == {"${RLMQ_IMAGE:-rlmq:latest}"}  # Redis too: Debian's redis-server in the image
+    build = services["lmhandler-1"]["build"]
     assert build["args"]["BASE_IMAGE"] == "${RLMQ_BASE_IMAGE:-python:3.11-slim}"
 
 
 def test_only_the_handler_gets_api_keys_or_the_curve_secret() -> None:
     services = load_compose()["services"]
     secret = re.compile(r"API_KEY|CURVE_SERVER_SECRET|CURVE_CLIENT_SECRET")
-    handler_env = env_of(services["lmhandler"])
-    assert "ANTHROPIC_API_KEY" in handler_env
-    assert "RLMQ_CURVE_SERVER_SECRET" in handler_env
-    for name in ("sandbox", "orchestrator"):
+    for name in HANDLERS:
+        handler_env = env_of(services[name])
+        assert "ANTHROPIC_API_KEY" in handler_env
+        assert "RLMQ_CURVE_SERVER_SECRET" in handler_env
+    for name in ("redis", "sandbox", "orchestrator"):
         service = services[name]
         leaked = [k for k in env_of(service) if secret.search(k)]
         assert not leaked, f"{name} gets {leaked}"
@@ -150,35 +153,73 @@ def test_services_share_the_ipc_volume_and_run_unprivileged() -> None:
     services = compose["services"]
     assert "ipc" in compose["volumes"]
     for name, service in services.items():
-        assert "ipc:/run/rlmq" in service["volumes"], name
+        if name != "redis":  # Redis is reached over the network, by the handlers only
+            assert "ipc:/run/rlmq" in service["volumes"], name
         assert service.get("read_only") is True, name
         assert service.get("cap_drop") == ["ALL"], name
         assert service.get("init") is True, name
     # The handler and the orchestrator run as the image's user (uid 10001); the pool runs as root
     # only to give each worker its own uid, and can be switched to 10001 (RLMQ_SANDBOX_USER).
-    assert "user" not in services["lmhandler"]
-    assert "user" not in services["orchestrator"]
+    for name in ("redis", *HANDLERS, "orchestrator"):
+        assert "user" not in services[name], name
     assert services["sandbox"]["user"] == "${RLMQ_SANDBOX_USER:-0:10001}"
     assert services["orchestrator"]["network_mode"] == "none"
 
 
-def test_handler_port_is_published_on_loopback_only_and_listens_with_curve() -> None:
-    handler = load_compose()["services"]["lmhandler"]
-    assert handler["ports"] == ["127.0.0.1:${RLMQ_HANDLER_PORT:-5555}:5555"]
-    command = handler["command"]
-    binds = [command[i + 1] for i, arg in enumerate(command) if arg == "--bind"]
-    assert binds == ["ipc:///run/rlmq/handler.sock", "tcp://0.0.0.0:5555"]
-    env = env_of(handler)
-    assert env["RLMQ_CURVE_CLIENTS"] == "${RLMQ_CURVE_CLIENTS:-}"
-    assert env["RLMQ_UMASK"] == "0007"  # the pool and the orchestrator reach it, the workers' uids not
+def test_handler_ports_are_published_on_loopback_only_and_listen_with_curve() -> None:
+    services = load_compose()["services"]
+    ports = {
+        "lmhandler-1": "127.0.0.1:${RLMQ_HANDLER_PORT:-5555}:5555",
+        "lmhandler-2": "127.0.0.1:${RLMQ_HANDLER2_PORT:-5557}:5555",
+    }
+    for name in HANDLERS:
+        handler = services[name]
+        assert handler["ports"] == [ports[name]]
+        assert handler["hostname"] == name  # it names the handler's socket
+        command = handler["command"]
+        binds = [command[i + 1] for i, arg in enumerate(command) if arg == "--bind"]
+        assert binds == ["ipc:///run/rlmq/{hostname}.sock", "tcp://0.0.0.0:5555"]
+        env = env_of(handler)
+        assert env["RLMQ_CURVE_CLIENTS"] == "${RLMQ_CURVE_CLIENTS:-}"
+        assert env["RLMQ_UMASK"] == "0007"  # the pool and the orchestrator reach it, the workers' uids not
+    assert "ports" not in services["redis"]
+
+
+def _compose_handler_sockets() -> list[str]:
+    return [f"ipc:///run/rlmq/{load_compose()['services'][name]['hostname']}.sock" for name in HANDLERS]
+
+
+def test_compose_handlers_are_one_front_over_one_redis() -> None:
+    compose = load_compose()
+    services = compose["services"]
+    front = ",".join(_compose_handler_sockets())
+    assert compose["x-handlers"] == front
+    sandbox = services["sandbox"]["command"]
+    assert sandbox[sandbox.index("--handler") + 1] == front
+    assert env_of(services["orchestrator"])["RLMQ_HANDLER"] == front
+    bwrap = yaml.safe_load((ROOT / "deploy" / "compose" / "bwrap.yml").read_text())["services"]["sandbox"]
+    assert bwrap["command"][bwrap["command"].index("--handler") + 1] == front
+    # Every handler reads the same [state] url: the redis service, in memory only.
+    url = tomllib.loads((ROOT / "deploy" / "compose" / "rlmq.toml").read_text())["state"]["url"]
+    redis = services["redis"]["command"]
+    assert url == f"redis://redis:{redis[redis.index('--port') + 1]}/0"
+    assert redis[redis.index("--save") + 1] == ""
+    assert redis[redis.index("--appendonly") + 1] == "no"
+    for name in HANDLERS:
+        assert services[name]["depends_on"] == {"redis": {"condition": "service_healthy"}}
+        assert "network_mode" not in services[name]  # they reach Redis and the providers
+    for name in ("sandbox", "orchestrator"):  # nothing there can reach Redis
+        assert services[name]["network_mode"] == "none"
 
 
 def test_health_checks_restart_policies_and_the_orchestrator_profile() -> None:
     services = load_compose()["services"]
-    for name in ("lmhandler", "sandbox"):
+    for name in (*HANDLERS, "sandbox"):
         assert services[name]["restart"] == "unless-stopped"
         test = services[name]["healthcheck"]["test"]
-        assert test[:3] == ["CMD", "rlmq-health", "handler" if name == "lmhandler" else "sandbox"]
+        assert test[:3] == ["CMD", "rlmq-health", "sandbox" if name == "sandbox" else "handler"]
+    assert services["redis"]["restart"] == "unless-stopped"
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     orchestrator = services["orchestrator"]
     assert orchestrator["profiles"] == ["tools"]
     assert orchestrator["restart"] == "no"
@@ -187,17 +228,18 @@ def test_health_checks_restart_policies_and_the_orchestrator_profile() -> None:
     assert "${RLMQ_DATA_DIR:-./data}:/data:ro" in orchestrator["volumes"]
     env = env_of(orchestrator)
     assert env["RLMQ_SANDBOX_GLOB"] == "/run/rlmq/sandbox-*.sock"
-    assert services["sandbox"]["depends_on"] == {"lmhandler": {"condition": "service_healthy"}}
+    assert services["sandbox"]["depends_on"] == {h: {"condition": "service_healthy"} for h in HANDLERS}
 
 
 def test_the_default_config_parses_for_every_service() -> None:
     data = tomllib.loads((ROOT / "deploy" / "compose" / "rlmq.toml").read_text())
-    assert set(data) == {"models", "sandbox", "run"}
+    assert set(data) == {"models", "sandbox", "run", "state"}
     from rlmq.lmhandler.config import parse_config
     from rlmq.sandbox.config import build_config
 
     config = parse_config(data, source="deploy/compose/rlmq.toml", env={"ANTHROPIC_API_KEY": "k"})
     assert set(config.models) == {"root", "sub"}
+    assert config.state.url == "redis://redis:6379/0"
     assert build_config(data["sandbox"]).isolation == "process"
 
 
@@ -355,6 +397,18 @@ async def test_health_pings_a_live_handler_and_fails_on_a_dead_one(tmp_path: Pat
     assert "is the stack up?" in done.stderr
 
 
+async def test_health_of_several_handlers_needs_one_that_answers(tmp_path: Path) -> None:
+    address = ipc_address("health-front")
+    dead = f"ipc://{tmp_path}/dead.sock"
+    async with running_handler({"echo": echo_model()}, bind=address):
+        done = await asyncio.to_thread(_health, "handler", f"{dead},{address}", "--timeout", "5")
+        assert done.returncode == 0, done.stderr
+        assert "another handler answered" in done.stderr
+    done = await asyncio.to_thread(_health, "handler", f"{dead},{address}", "--timeout", "0.5")
+    assert done.returncode == 1
+    assert "nothing listens on" in done.stderr
+
+
 def test_pick_pool_skips_stale_sockets(tmp_path: Path) -> None:
     stale = tmp_path / "sandbox-dead.sock"
     with socket.socket(socket.AF_UNIX) as s:
@@ -423,18 +477,21 @@ def _container(doc: dict[str, Any]) -> dict[str, Any]:
 
 def test_k8s_mirrors_the_compose_file() -> None:
     compose = load_compose()["services"]
-    config = _k8s("ConfigMap", "rlmq-config")["data"]["rlmq.toml"]
-    assert tomllib.loads(config) == tomllib.loads((ROOT / "deploy" / "compose" / "rlmq.toml").read_text())
+    config = tomllib.loads(_k8s("ConfigMap", "rlmq-config")["data"]["rlmq.toml"])
+    compose_config = tomllib.loads((ROOT / "deploy" / "compose" / "rlmq.toml").read_text())
+    # The same but for where Redis is: each points at its own (checked below).
+    assert config.pop("state").keys() == compose_config.pop("state").keys()
+    assert config == compose_config
 
-    handler = _container(_k8s("Deployment", "rlmq-handler"))
-    assert handler["args"][:4] == compose["lmhandler"]["command"][:4]
+    handler = _container(_k8s("StatefulSet", "rlmq-handler"))
+    assert handler["args"][:4] == compose["lmhandler-1"]["command"][:4]
     names = {e["name"] for e in handler["env"]}
     assert {"ANTHROPIC_API_KEY", "RLMQ_CURVE_SERVER_SECRET_FILE", "RLMQ_CURVE_CLIENTS_DIR"} <= names
 
     sandbox_doc = _k8s("Deployment", "rlmq-sandbox")
     sandbox = _container(sandbox_doc)
     assert not [e for e in sandbox["env"] if "API_KEY" in e["name"]]
-    assert sandbox["args"][sandbox["args"].index("--handler") + 1] == "tcp://rlmq-handler:5555"
+    assert sandbox["args"][sandbox["args"].index("--handler") + 1] == ",".join(_k8s_handler_addresses())
     caps = sandbox["securityContext"]["capabilities"]
     assert caps["drop"] == ["ALL"]
     assert set(caps["add"]) == set(compose["sandbox"]["cap_add"])
@@ -446,8 +503,51 @@ def test_k8s_mirrors_the_compose_file() -> None:
     job = _container(_k8s("Job", "rlmq-ask-"))
     assert job["args"][:2] == ["rlmq", "run"]
     assert not [e for e in job["env"] if "API_KEY" in e["name"]]
-    for doc in (_k8s("Deployment", "rlmq-handler"), _k8s("Job", "rlmq-ask-")):
+    for doc in (
+        _k8s("StatefulSet", "rlmq-handler"),
+        _k8s("Job", "rlmq-ask-"),
+        _k8s("Deployment", "rlmq-redis"),
+    ):
         assert doc["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+
+
+def _k8s_handler_addresses() -> list[str]:
+    """One address per handler replica, by its stable name under the headless Service."""
+    handlers = _k8s("StatefulSet", "rlmq-handler")
+    service = handlers["spec"]["serviceName"]
+    port = _k8s("Service", service)["spec"]["ports"][0]["port"]
+    return [f"tcp://rlmq-handler-{i}.{service}:{port}" for i in range(handlers["spec"]["replicas"])]
+
+
+def test_k8s_handlers_are_replicas_behind_a_headless_service_beside_one_redis() -> None:
+    handlers = _k8s("StatefulSet", "rlmq-handler")
+    assert handlers["spec"]["replicas"] >= 2
+    service = _k8s("Service", handlers["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"  # a DNS name per replica, not one balanced address
+    assert service["spec"]["selector"] == handlers["spec"]["selector"]["matchLabels"]
+    # The pools and the ask Job are given every replica, and only those.
+    front = ",".join(_k8s_handler_addresses())
+    for args in (
+        _container(_k8s("Deployment", "rlmq-sandbox"))["args"],
+        _container(_k8s("Job", "rlmq-ask-"))["args"],
+    ):
+        assert args[args.index("--handler") + 1] == front
+    # Every replica reads the same [state] url: the Redis Service, in front of Redis's port.
+    url = tomllib.loads(_k8s("ConfigMap", "rlmq-config")["data"]["rlmq.toml"])["state"]["url"]
+    redis_service = _k8s("Service", "rlmq-redis")
+    redis = _k8s("Deployment", "rlmq-redis")
+    assert redis["spec"]["replicas"] == 1
+    assert redis_service["spec"]["selector"] == redis["spec"]["selector"]["matchLabels"]
+    assert url == f"redis://rlmq-redis:{redis_service['spec']['ports'][0]['port']}/0"
+    args = _container(redis)["args"]
+    assert args[0] == "redis-server"
+    assert args[args.index("--port") + 1] == str(_container(redis)["ports"][0]["containerPort"])
+    assert args[args.index("--save") + 1] == ""
+    # Only the handlers may reach Redis.
+    policy = _k8s("NetworkPolicy", "rlmq-redis")["spec"]
+    assert policy["podSelector"] == {"matchLabels": redis["spec"]["selector"]["matchLabels"]}
+    (rule,) = policy["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "rlmq-handler"}}}]
 
 
 def test_k8s_network_policy_keeps_the_sandbox_in() -> None:

@@ -1,7 +1,9 @@
 #!/opt/rlmq/bin/python3
 """Health checks and pool discovery inside the rlmq containers (installed as ``rlmq-health``).
 
-    rlmq-health handler [ADDR]    the handler answers ``ping`` (default ipc:///run/rlmq/handler.sock)
+    rlmq-health handler [ADDR]    the handler answers ``ping`` (default ipc:///run/rlmq/handler.sock);
+                                  ADDR "A,B,...": one handler of the front answers (the others'
+                                  problems on stderr)
     rlmq-health sandbox ADDR      the sandbox pool at ADDR answers ``ping``
     rlmq-health pick-pool GLOB    print the address of a live pool whose ipc socket matches GLOB,
                                   chosen at random (the orchestrator's entry point uses it)
@@ -42,6 +44,8 @@ def _listening(path: str, timeout_s: float) -> bool:
 
 def ping_handler(address: str, timeout_s: float) -> str | None:
     """None when the handler answers, else why not."""
+    if address.startswith("ipc://") and not _listening(address[len("ipc://") :], timeout_s):
+        return f"nothing listens on {address}"  # a stopped handler's socket file: no wait
     try:
         with HandlerClient(address, timeout_s=timeout_s) as client:
             client.ping(timeout_s=timeout_s)
@@ -89,10 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds per check (default 3)")
     args = parser.parse_args(argv)
     if args.what == "handler":
-        address = _expand(args.target or DEFAULT_HANDLER)
-        problem = ping_handler(address, args.timeout)
-        if problem is not None and address.startswith("ipc://"):
-            problem += "; is the stack up? (docker compose up -d)"
+        addresses = _expand(args.target or DEFAULT_HANDLER).split(",")
+        # Several handlers are one front: it serves while any of them does.
+        problems = []
+        for address in addresses:
+            problem = ping_handler(address, args.timeout)
+            if problem is None:
+                break
+            problems.append(problem)
+        else:
+            problem = "; ".join(problems)
+            if any(a.startswith("ipc://") for a in addresses):
+                problem += "; is the stack up? (docker compose up -d)"
+        if problem is None and problems:
+            print(f"rlmq-health handler: {'; '.join(problems)} (another handler answered)", file=sys.stderr)
     elif args.target is None:
         parser.error(f"{args.what} needs an address or a glob")
     elif args.what == "sandbox":
