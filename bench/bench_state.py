@@ -162,6 +162,33 @@ async def with_state(
         await st.aclose()  # type: ignore[attr-defined]
 
 
+async def ping_floor(url: str, calls: int) -> tuple[list[float], list[float]]:
+    """The round trip the machine allows: a bare PING through redis-py's asyncio client, and
+    through a plain blocking socket (us). Admission and settlement are one round trip each, so
+    twice the first is the least they can cost one call at a time."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        await client.ping()
+        via_client = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            await client.execute_command("PING")  # type: ignore[no-untyped-call]
+            via_client.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        await client.aclose()
+    host, port = url.removeprefix("redis://").split("/")[0].split(":")
+    raw = []
+    with socket.create_connection((host, int(port))) as sock:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            sock.recv(16)
+            raw.append((time.perf_counter() - t0) * 1e6)
+    return via_client, raw
+
+
 async def measure(url: str, calls: int, in_flight: int) -> list[dict[str, float | str]]:
     rows = []
     memory_pipeline(1_000)  # warm-up
@@ -176,6 +203,8 @@ async def measure(url: str, calls: int, in_flight: int) -> list[dict[str, float 
     rows.append(
         row(f"redis, {in_flight} in flight", *await burst(url, in_flight, max(5, calls // in_flight)))
     )
+    via_client, raw = await ping_floor(url, calls)
+    rows.append(row("PING: redis-py / socket", via_client, raw))
     return rows
 
 
@@ -211,6 +240,7 @@ def main() -> None:
     base = statistics.fmean([float(rows[0]["both_p50"])])
     added = float(rows[2]["both_p50"]) - base
     print(f"Redis adds {added:.1f} us at p50 per call (target: under 200 us)")
+    print("(last row: a bare PING round trip, redis-py under 'admit', a plain socket under 'settle')")
 
 
 if __name__ == "__main__":
