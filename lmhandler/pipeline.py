@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import types
@@ -67,6 +68,9 @@ Reply = Callable[[list[Any], Payload], None]
 Fail = Callable[[list[Any], str, RlmqError], None]
 
 # Failures that say the provider is down (not busy, not refusing this request).
+# How long a settlement that failed (the shared state away) is retried in the background.
+SETTLE_RETRY_S = 60.0
+
 _DOWN_CODES = frozenset({ErrorCode.BACKEND_ERROR, ErrorCode.TIMEOUT})
 
 
@@ -217,6 +221,7 @@ class Pipeline:
         self._shared = None if state.local else state
         self._replays = state.replays if isinstance(state, MemoryState) else None
         self.replayed = 0  # re-sent requests answered with the reply of their finished call
+        self.late_settlements = 0  # settlements that failed at first and went through on a retry
         self.stats = stats
         self._loop = loop
         self._reply = reply
@@ -445,15 +450,43 @@ class Pipeline:
         if call.shared:
             call.shared = False
             usage = completion.usage
+            settle = functools.partial(
+                state.settle, req.run or "", req.id, req.model, usage, model.cost_usd(usage), bytes(payload)
+            )
             try:
-                await state.settle(
-                    req.run or "", req.id, req.model, usage, model.cost_usd(usage), bytes(payload)
-                )
+                await settle()
             except HandlerError as exc:
-                # The answer is paid for and good: give it. The run's reservation expires at the
-                # call's deadline and counts as a failed call; its tokens are not counted.
-                log.warning("usage of call %s in run %r not recorded: %s", req.id, req.run, exc.message)
+                # The answer is paid for and good: give it now, and keep trying to count it in
+                # the background (a late settlement still moves the call from failed to done).
+                log.warning("usage of call %s in run %r not recorded yet: %s", req.id, req.run, exc.message)
+                task = self._loop.create_task(self._settle_later(settle, req.id, req.run or ""))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
         return payload
+
+    async def _settle_later(self, settle: Callable[[], Awaitable[None]], rid: str, run: str) -> None:
+        """Retry a settlement that failed, with backoff, for up to ``SETTLE_RETRY_S``: a Redis
+        blip must not leave a paid call uncounted (its tokens and cost would escape the run's
+        limits). Past that, the call stays counted as failed and a warning says so."""
+        delay, waited = 0.25, 0.0
+        while waited < SETTLE_RETRY_S:
+            await self._sleep(delay)
+            waited += delay
+            try:
+                await settle()
+            except HandlerError:
+                delay = min(delay * 2, 5.0)
+                continue
+            log.info("usage of call %s in run %r recorded after %.1f s", rid, run, waited)
+            self.late_settlements += 1
+            return
+        log.warning(
+            "usage of call %s in run %r not recorded: the shared state stayed away for %.0f s; "
+            "the call counts as failed and its tokens and cost are not counted",
+            rid,
+            run,
+            SETTLE_RETRY_S,
+        )
 
     def _settle_failed(self, call: _Call) -> None:
         assert self._shared is not None
@@ -499,7 +532,7 @@ class Pipeline:
             retries=retries,
             latency_ms=round(latency_ms, 3),
             stop_reason=completion.stop_reason,
-            cost_usd=round(cost_usd, 9),
+            cost_usd=round(cost_usd, 9) if cost_usd else 0.0,
         )
 
     async def _attempts(self, call: _Call, req: BackendRequest) -> tuple[Completion, int]:

@@ -327,6 +327,7 @@ class Handler:
                 "errors": dict(s.errors),
                 "runs_open": len(self.runs.open) if runs_open is None else runs_open,
                 "replayed": self.pipeline.replayed if self.pipeline is not None else 0,
+                "late_settlements": self.pipeline.late_settlements if self.pipeline is not None else 0,
                 "state": "memory" if self.state.local else "redis",
                 "models": {alias: m.to_wire() for alias, m in self.models.items()},
             },

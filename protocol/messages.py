@@ -271,8 +271,19 @@ class CompleteRequest:
             run=opt_string(d, "run", rid),
             depth=opt_int(d, "depth", rid) or 0,
             key=opt_string(d, "key", rid),
-            trace=opt_string(d, "trace", rid),
+            trace=_trace(d, rid),
         )
+
+
+# A W3C traceparent is 55 characters; later versions may append fields. Anything longer is refused.
+MAX_TRACE_CHARS = 512
+
+
+def _trace(d: Mapping[str, Any], rid: str) -> str | None:
+    trace = opt_string(d, "trace", rid)
+    if trace is not None and not 0 < len(trace) <= MAX_TRACE_CHARS:
+        raise DecodeError(f"field 'trace' must be 1 to {MAX_TRACE_CHARS} characters", request_id=rid)
+    return trace
 
 
 # The hot path of the handler decodes one CompleteRequest per model call. These build one
@@ -349,8 +360,8 @@ def _complete_fast(d: Mapping[str, Any], rid: str) -> CompleteRequest | None:
     if key is not None and type(key) is not str:
         return None
     trace = get("trace")
-    if trace is not None and type(trace) is not str:
-        return None
+    if trace is not None and (type(trace) is not str or not 0 < len(trace) <= MAX_TRACE_CHARS):
+        return None  # the full decoder says what is wrong
     req: CompleteRequest = _new(CompleteRequest)
     s_id, s_model, s_messages, s_max_tokens, s_temperature, s_timeout_s, s_run, s_depth, s_key, s_trace = (
         _CR_SETTERS

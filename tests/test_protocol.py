@@ -418,3 +418,16 @@ def test_a_reply_of_the_wrong_kind_is_a_typed_error() -> None:
         True,
         2.0,
     )
+
+
+def test_trace_must_be_a_short_string() -> None:
+    """The handler, like the pool, refuses a trace field no traceparent could be: a call must not
+    make the handler hold and re-send megabytes under a tracing header."""
+    from rlmq.protocol import decode_request
+
+    base = {"v": 1, "op": "complete", "id": "t1", "model": "m", "prompt": "hi"}
+    ok = decode_request(pack({**base, "trace": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}))
+    assert ok.trace is not None
+    for bad in ("x" * 513, "", 7):
+        with pytest.raises(DecodeError, match="trace"):
+            decode_request(pack({**base, "trace": bad}))

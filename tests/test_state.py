@@ -350,3 +350,62 @@ def test_state_table() -> None:
     with pytest.raises(ConfigError, match="timeout_s must be positive"):
         parse_config({"models": models, "state": {"url": "redis://h", "timeout_s": 0}})
     assert StateConfig(url="redis://:pw@h:1/0").redacted_url() == "redis://:***@h:1/0"
+
+
+class _FlakySettle(MemoryState):
+    """In-process state taken as shared (the pipeline's async path) whose first settlements fail,
+    as they do while Redis is away."""
+
+    local = False
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def settle(
+        self, run: str, rid: str, model: str, usage: Usage | None, cost_usd: float, reply: bytes | None
+    ) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StateUnavailable("the shared state did not answer")
+        await super().settle(run, rid, model, usage, cost_usd, reply)
+
+
+async def test_a_settlement_that_failed_is_retried_until_the_call_is_counted() -> None:
+    """The answer goes out at once; its usage lands on a later try, so a Redis blip does not let
+    a paid call escape the run's token and cost limits."""
+    from rlmq.lmhandler.backends import EchoBackend
+    from rlmq.lmhandler.pipeline import Model, Pipeline
+    from rlmq.lmhandler.stats import ServerStats
+    from rlmq.lmhandler.testing import echo_model
+    from rlmq.protocol import ChatMessage, CompleteRequest
+
+    config = parse_config({"models": {"m": echo_model(price_in_per_mtok=1.0)}})
+    state = _FlakySettle(failures=3)
+    await state.run_open("r", RunLimits(max_calls=10), None)
+    replies: list[dict[str, object]] = []
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    pipeline = Pipeline(
+        config,
+        {"m": Model(config.models["m"], EchoBackend(config.models["m"]), state)},
+        state.runs,
+        ServerStats(),
+        loop=asyncio.get_running_loop(),
+        reply=lambda _env, payload: replies.append(unpack(bytes(payload))),
+        fail=lambda _env, rid, exc: pytest.fail(f"{rid} failed: {exc}"),
+        sleep=no_wait,
+        state=state,
+    )
+    pipeline.submit([b"c"], CompleteRequest("q1", "m", (ChatMessage("user", "hello"),), run="r"))
+    while pipeline.tasks:
+        await asyncio.wait(set(pipeline.tasks))
+    assert [r["text"] for r in replies] == ["hello"]
+    usage = await state.usage("r")
+    assert (usage.calls, usage.failed_calls, usage.in_flight) == (1, 0, 0)
+    assert usage.usage.input_tokens > 0
+    assert pipeline.late_settlements == 1
+    assert waits == [0.25, 0.5, 1.0]  # backoff between the three failed tries and the good one

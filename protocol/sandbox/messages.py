@@ -18,7 +18,7 @@ import msgpack
 from ..codec import unpack
 from ..errors import DecodeError, ErrorCode, ErrorInfo, UnknownOp, UnsupportedVersion
 from ..fields import Wire, drop_none, opt_float, opt_int, opt_string, optional, required, string
-from ..messages import Usage
+from ..messages import MAX_TRACE_CHARS, Usage
 from .context import CONTEXT_FORMATS, ContextFormat
 
 __all__ = [
@@ -58,8 +58,6 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 # `ExecError.code`: how the code ended, when it did not end normally.
 EXEC_ERROR_CODES = ("exception", "timeout", "worker_died", "memory")
-# A W3C traceparent is 55 characters; later versions may append fields. Anything longer is refused.
-MAX_TRACE_CHARS = 512
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
