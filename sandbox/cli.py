@@ -24,7 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--handler",
         default=None,
         help="address of the LM handler (required), e.g. tcp://127.0.0.1:5555 or "
-        "ipc:///run/rlmq/handler.sock; workers' sub-calls reach it only through the pool's stamping relay",
+        "ipc:///run/rlmq/handler.sock; workers' sub-calls reach it only through the pool's stamping relay. "
+        "Several handlers of one front (the same [state] url) go comma-separated, "
+        "tcp://a:5555,tcp://b:5555: sub-calls are spread over the handlers that are up, and a call whose "
+        "handler went away is sent again to another (docs/deployment.md, 'Several handlers')",
     )
     parser.add_argument(
         "--bind",
@@ -91,7 +94,24 @@ async def _serve(pool: Pool, metrics_bind: str | None = None) -> None:
         await pool.stop()
 
 
+def _check_metrics_bind(text: str | None) -> str | None:
+    """The error of a bad ``--metrics-bind``, found before the pool binds or starts a worker."""
+    if text is None:
+        return None
+    from rlmq.protocol.metrics import parse_bind  # prometheus-client and aiohttp only when asked for
+
+    try:
+        parse_bind(text)
+    except ConfigError as exc:
+        return exc.message
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
+    bad_bind = _check_metrics_bind(args.metrics_bind)
+    if bad_bind is not None:
+        log.error("%s", bad_bind)
+        return 2
     try:
         table = load_table(args.config) if args.config else {}
         config = build_config(
@@ -115,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
         if args.otlp_endpoint is not None:
             tracing.configure(service="rlmq-sandbox", endpoint=args.otlp_endpoint)
         asyncio.run(_serve(pool, args.metrics_bind))
-    except ConfigError as exc:  # --otlp-endpoint, --metrics-bind
+    except ConfigError as exc:  # --otlp-endpoint
         log.error("%s", exc.message)
         return 2
     except RlmqError as exc:

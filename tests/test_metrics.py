@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from rlmq.lmhandler.testing import HeldModel, echo_model, running_handler
 from rlmq.protocol import AsyncHandlerClient, ConfigError, ErrorCode, RemoteError
 from rlmq.protocol.metrics import parse_bind
 from rlmq.protocol.sandbox import AsyncSandboxClient
+from rlmq.sandbox import cli as sandbox_cli
+from rlmq.sandbox.metrics import start_metrics as start_pool_metrics
+from rlmq.sandbox.testing import running_pool
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 START_S = 60.0  # a bound on a service's start (workers included), not a timing claim
@@ -267,7 +271,7 @@ def echo_config(tmp_path: Path) -> Path:
     return config
 
 
-def test_the_handler_exits_2_on_a_bad_metrics_bind_and_stops_what_it_started(
+def test_the_handler_exits_2_on_a_bad_metrics_bind_before_it_starts(
     echo_config: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
@@ -278,4 +282,82 @@ def test_the_handler_exits_2_on_a_bad_metrics_bind_and_stops_what_it_started(
     )
     assert handler_cli.main(args) == 2
     assert "--metrics-bind takes HOST:PORT" in caplog.text
-    assert "lmhandler stopped" in caplog.text
+    # Refused before the ZeroMQ socket was bound: nothing was said to listen, nothing to stop.
+    assert "listening on" not in caplog.text
+    assert "lmhandler stopped" not in caplog.text
+
+
+def test_the_pool_exits_2_on_a_bad_metrics_bind_before_it_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    parser = argparse.ArgumentParser()
+    sandbox_cli.add_arguments(parser)
+    # The handler address is never dialled: the pool is refused before it binds or starts a worker.
+    args = parser.parse_args(
+        [
+            *("--handler", "ipc://" + str(tmp_path / "h.sock"), "--bind", "tcp://127.0.0.1:0"),
+            *("--workers", "1", "--metrics-bind", "127.0.0.1:http"),
+        ]
+    )
+    assert sandbox_cli.main(args) == 2
+    assert "--metrics-bind takes HOST:PORT" in caplog.text
+    assert "sandbox pool" not in caplog.text
+
+
+def test_sandbox_help_says_several_handlers_go_comma_separated() -> None:
+    parser = argparse.ArgumentParser()
+    sandbox_cli.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "comma-separated" in text
+    assert "sent again to another" in text
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "observability.md"
+
+
+def documented_metrics(prefix: str) -> set[str]:
+    """The metric names in the first column of docs/observability.md's tables that start with ``prefix``."""
+    names: set[str] = set()
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("| `"):
+            first_cell = line.split("|")[1]
+            names.update(re.findall(rf"`({prefix}\w+)", first_cell))
+    return names
+
+
+def served_metrics(text: str, prefix: str) -> set[str]:
+    """The metric names of a scrape as they are written (a counter's family with its ``_total``)."""
+    return {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith(prefix)
+    }
+
+
+async def test_the_docs_list_every_metric_served_and_no_other() -> None:
+    """In process (the code path of --metrics-bind): a fresh handler's and pool's pages hold every
+    family, samples or not, so their names are compared with the doc's tables both ways."""
+
+    async def page(url: str | None) -> str:
+        assert url is not None
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return await response.text()
+
+    async with running_handler({"sub": echo_model()}) as handler:
+        server = await start_metrics(handler, "127.0.0.1:0")
+        try:
+            handler_page = await page(server.url)
+        finally:
+            await server.stop()
+        async with running_pool(handler.address or "", workers=1) as pool:
+            server = await start_pool_metrics(pool, "127.0.0.1:0")
+            try:
+                pool_page = await page(server.url)
+            finally:
+                await server.stop()
+    for prefix, text in (("rlmq_handler_", handler_page), ("rlmq_pool_", pool_page)):
+        served, documented = served_metrics(text, prefix), documented_metrics(prefix)
+        assert served, prefix
+        assert served - documented == set(), f"served but not in docs/observability.md: {served - documented}"
+        assert documented - served == set(), f"in docs/observability.md but not served: {documented - served}"

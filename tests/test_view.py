@@ -25,6 +25,10 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from rlmq.orchestrator.loop import RLM
+from rlmq.orchestrator.settings import RunSettings
+from rlmq.orchestrator.testing import InMemorySandbox, ModelRequest, ScriptedModelClient
+from rlmq.orchestrator.trajectory import Trajectory
 from rlmq.view import cli as view_cli
 from rlmq.view.page import render_page
 from rlmq.view.server import ViewServer, serving
@@ -343,6 +347,35 @@ def test_cli_html_takes_the_newest_run(tmp_path: Path, recorded: Path) -> None:
     assert "answer 11: vault Orion code 10011" in page
 
 
+@pytest.mark.parametrize(
+    "content",
+    ['{"a": 1}\n', "plain text, not JSON\n", "", '{"event": "mystery"}\n[1, 2]\n'],
+    ids=["json-object", "text", "empty", "unknown-event"],
+)
+def test_cli_html_refuses_a_file_with_no_trajectory_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    path = tmp_path / "notatrajectory.json"
+    path.write_text(content, encoding="utf-8")
+    out = tmp_path / "out.html"
+    assert view_cli.main(_args(str(path), "--html", str(out))) == 2
+    assert f"{path} is not a trajectory: it holds no trajectory event" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_live_refuses_a_file_whose_first_line_is_not_an_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "notatrajectory.json"
+    path.write_text('{"a": 1}\n' + lines(run_head(1)), encoding="utf-8")
+    assert view_cli.main(_args(str(path), "--no-open")) == 2  # refused before serving anything
+    captured = capsys.readouterr()
+    assert "its first line is not a trajectory event" in captured.err
+    assert "http://" not in captured.out
+    assert view_cli.main(_args(str(tmp_path), "--no-open")) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
 def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
     with selectors.DefaultSelector() as sel:
         assert proc.stdout is not None
@@ -376,6 +409,34 @@ def test_cli_serves_until_sigterm(recorded: Path) -> None:
         assert refused.value.code == 403
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_cli_live_waits_for_a_missing_file_then_reports_what_it_is(tmp_path: Path) -> None:
+    """A file that does not exist yet is waited for; once its first line shows it is not a
+    trajectory, the viewer says so and exits 2."""
+    path = tmp_path / "later.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlmq", "view", str(path), "--no-open"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _read_line(proc, 60).startswith("rlmq view: http://127.0.0.1:")  # serving, waiting
+        assert proc.poll() is None
+        path.write_text("hello, not a trajectory\n", encoding="utf-8")
+        assert proc.wait(timeout=30) == 2
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "does not exist yet" in err
+        assert f"{path} is not a trajectory: its first line is not a trajectory event" in err
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -609,3 +670,97 @@ def test_schema_1_runs_are_shown_too(browser: WebDriver, tmp_path: Path) -> None
     assert "child output" in child.text
     assert "inner answer" in child.text
     assert "old answer" in text_of(browser, 'section[data-level="0"] > div > .run-foot .answer')
+
+
+# ---------------------------------------------------------------------------------- a run of the real writer
+REAL_CONTEXT = "vault Orion 1111\nvault Lyra 2222\nrotated log segment 7e43"
+REAL_ROOT = [
+    "I look first.\n```repl\nlines = context.splitlines()\nprint(len(lines), 'lines')\n```",
+    "One batch, and a child run for the decoys.\n```repl\n"
+    "found = llm_query_batched(['find codes in: ' + l for l in lines])\n"
+    "summary = rlm_query('summarise the decoys')\nprint(found[1], '|', summary)\n```",
+    "```repl\nFINAL(found[0] + ' / ' + summary)\n```",
+]
+REAL_CHILD = [
+    "```repl\nnote = llm_query('child looks at decoys')\nprint('child saw', note)\n```",
+    "FINAL_VAR(note)",
+]
+
+
+def _sub_answer(request: ModelRequest) -> str:
+    return "answer to " + request.last_user
+
+
+@pytest.fixture
+async def written(tmp_path: Path) -> Path:
+    """A trajectory written by the orchestrator's own writer (RLM + Trajectory), not by hand: a
+    root run with a batch of 3 sub-calls and an rlm_query child that makes one of its own."""
+    model = ScriptedModelClient(reply=_sub_answer)
+    model.script("real", REAL_ROOT, depth=0)
+    model.script("real", REAL_CHILD, depth=1)
+    path = tmp_path / "real.jsonl"
+    trajectory = Trajectory(path)
+    try:
+        result = await RLM(model, InMemorySandbox(model), RunSettings(max_depth=2)).run(
+            "Which codes?", REAL_CONTEXT, run_id="real", trajectory=trajectory
+        )
+    finally:
+        trajectory.close()
+    assert result.answer == "answer to find codes in: vault Orion 1111 / answer to child looks at decoys"
+    return path
+
+
+@needs_browser
+def test_page_shows_a_run_written_by_the_real_writer(browser: WebDriver, written: Path) -> None:
+    with serving(written) as url:
+        browser.get(url)
+        wait_for(browser, lambda d: "finished: final" in text_of(d, "#status"), "run never shown as finished")
+        root = 'section[data-level="0"] > .iters > .iter'
+        assert len(browser.find_elements(By.CSS_SELECTOR, root)) == 3
+        assert "answer to find codes in: vault Orion 1111 / answer to child looks at decoys" in text_of(
+            browser, 'section[data-level="0"] > div > .run-foot .answer'
+        )
+        second = root + '[data-iteration="2"]'
+        assert "4 sub-calls" in text_of(browser, second + " > .iter-head")  # the batch's 3 and the child's 1
+        # The code block with its output (the batch's second answer and the child's).
+        assert "llm_query_batched" in text_of(browser, second + " > .block > details > pre.code")
+        assert "answer to find codes in: vault Lyra 2222 | answer to child looks at decoys" in text_of(
+            browser, second + " > .block > details > pre.stdout"
+        )
+        # The child run, nested under the block that started it, with its own code, output and answer.
+        child = browser.find_element(By.CSS_SELECTOR, second + " > .block .children > section.run.child")
+        assert child.get_attribute("data-level") == "0.1"
+        assert "child saw answer to child looks at decoys" in text_of(browser, "section.run.child pre.stdout")
+        assert "answer to child looks at decoys" in text_of(browser, "section.run.child .run-foot .answer")
+
+        # The batch's sub-calls under the root block: each prompt and answer.
+        browser.find_element(By.CSS_SELECTOR, second + " > .block > .subs > .subs-toggle").click()
+        wait_for(
+            browser,
+            lambda d: len(d.find_elements(By.CSS_SELECTOR, second + " > .block > .subs .sub")) == 3,
+            "the batch's rows not shown",
+        )
+        rows = text_of(browser, second + " > .block > .subs .sub")
+        for line in REAL_CONTEXT.splitlines():
+            assert f"answer to find codes in: {line}" in rows
+        browser.find_element(
+            By.CSS_SELECTOR, second + ' > .block > .subs .sub[data-seq="2"] .sub-line'
+        ).click()
+        body = wait_for(
+            browser, lambda d: d.find_element(By.CSS_SELECTOR, ".sub .sub-body"), "the sub-call never opened"
+        )
+        assert (
+            "find codes in: rotated log segment 7e43" in body.find_element(By.CSS_SELECTOR, "pre.prompt").text
+        )
+        assert (
+            "answer to find codes in: rotated log segment 7e43"
+            in body.find_element(By.CSS_SELECTOR, "pre.answer-text").text
+        )
+        # The child's own sub-call, under the child's block.
+        child.find_element(By.CSS_SELECTOR, ".subs-toggle").click()
+        wait_for(
+            browser,
+            lambda d: "answer to child looks at decoys" in text_of(d, "section.run.child .sub"),
+            "the child's sub-call not shown",
+        )
+        assert search(browser, "Lyra") == "1 of 4 sub-calls match"

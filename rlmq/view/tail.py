@@ -14,9 +14,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "Lines", "newest_run", "parse_lines", "read_from", "read_lines"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "TRAJECTORY_EVENTS",
+    "Chunk",
+    "Lines",
+    "first_line",
+    "is_trajectory_event",
+    "newest_run",
+    "parse_lines",
+    "read_from",
+    "read_lines",
+]
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # per answer, so a 10,000-sub-call run reaches the page in a few pieces
+
+# The event names docs/trajectory.md defines (schema 2), and schema 1's ``exec``.
+TRAJECTORY_EVENTS = frozenset(
+    {
+        "run_start",
+        "ask",
+        "model_call",
+        "exec_start",
+        "sub_call",
+        "exec_end",
+        "exec",
+        "child_start",
+        "child_end",
+        "final_ignored",
+        "final_cut",
+        "final_var",
+        "compaction",
+        "final",
+        "resume",
+        "resume_diverged",
+        "run_end",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +136,24 @@ def read_from(path: str | Path, offset: int = 0, *, max_bytes: int = DEFAULT_CHU
     lines = read_lines(path, offset, max_bytes=max_bytes)
     events, bad = parse_lines(lines.data)
     return Chunk(events, lines.offset, lines.size, reset=lines.reset, bad_lines=bad, more=lines.more)
+
+
+def is_trajectory_event(value: object) -> bool:
+    """Whether ``value`` (a parsed line) is an event of a trajectory: an object with a known ``event``."""
+    return isinstance(value, dict) and value.get("event") in TRAJECTORY_EVENTS
+
+
+def first_line(path: str | Path) -> bytes | None:
+    """The first whole non-blank line of ``path``; None while there is none (missing, empty, torn)."""
+    lines = read_lines(path, 0, max_bytes=64 << 10)
+    while lines.data:
+        for line in lines.data.split(b"\n"):
+            if line.strip():
+                return line
+        if not lines.more:
+            break
+        lines = read_lines(path, lines.offset, max_bytes=64 << 10)
+    return None
 
 
 def newest_run(directory: str | Path) -> Path | None:
