@@ -734,6 +734,9 @@ class _Run:
         finally:
             place.block = None
         self.counters.sub_calls += result.llm_calls
+        # Records the session's client could not hand over (docs/trajectory.md, exec_end): a
+        # replay must know this block's recording is incomplete rather than report a divergence.
+        dropped = getattr(level.session, "records_dropped", 0)
         self.event(
             "exec_end",
             place,
@@ -749,6 +752,7 @@ class _Run:
             llm_calls=result.llm_calls,
             truncated_chars=result.truncated_chars,
             state_lost=result.state_lost,
+            records_dropped=dropped if isinstance(dropped, int) and not isinstance(dropped, bool) else 0,
         )
         return result
 

@@ -48,11 +48,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Events compared in order by ``Comparer`` (sub-calls are compared by their seq: a batch's
-# records arrive in order of completion, which a replay does not reproduce).
+# Events compared in order by ``Comparer``. Sub-calls are checked apart, by their seq: whether
+# the pool found a recorded answer for each.
 _ORDERED = frozenset({"model_call", "exec_start", "exec_end", "child_start", "final"})
 # Events a resumed run writes anew whatever was recorded.
 _NOT_SKIPPED = frozenset({"run_start", "run_end", "resume"})
+# How a recorded run that has a run_end may be continued by ``rlmq run --resume``: only one that
+# stopped on an error (a handler or pool that went away). Every other stop is the run's end under
+# its budget: resuming it under the same budget could only stop again (docs/orchestrator.md).
+RESUMABLE_STOPS = frozenset({"error"})
+
+Key = tuple[str, int, int]  # (level, iteration, block): one executed code block
 
 
 class ReplayDiverged(RunError):
@@ -63,12 +69,17 @@ class ReplayDiverged(RunError):
 
 @dataclass(frozen=True, slots=True)
 class Divergence:
-    """The first place a replay differs from its recording."""
+    """The first place a replay differs from its recording, or cannot be checked against it.
+
+    ``kind``: ``differs`` (the run did something else), ``recording_ends`` (the recording was
+    cut, by a crash, before the run got this far), ``incomplete`` (the recording of this block
+    lost sub-call records: its exec_end has ``records_dropped``)."""
 
     level: str
     iteration: int | None
     block: int | None
     what: str
+    kind: str = "differs"
 
     def __str__(self) -> str:
         where = [f"level {self.level}"]
@@ -122,7 +133,7 @@ class Recording:
         self.query = start.get("query")
         self.settings: dict[str, Any] = dict(start.get("settings") or {})
         self.calls = self._model_calls()
-        self.sub_calls: dict[tuple[str, int, int], list[SubCall]] = {}
+        self.sub_calls: dict[Key, list[SubCall]] = {}
         for e in self.events:
             if e.get("event") != "sub_call" or e.get("diverged") or e.get("replayed"):
                 continue  # a replay's own answers are recorded elsewhere; diverged ones have none
@@ -132,9 +143,44 @@ class Recording:
                 raise TrajectoryError(f"{source}: a sub_call event cannot be read: {exc.message}") from None
             key = (str(e.get("level")), int(e.get("iteration", 0)), int(e.get("block", 0)))
             self.sub_calls.setdefault(key, []).append(call)
-        self.ended = any(e.get("event") == "run_end" for e in self.events)
+        ends = [e for e in self.events if e.get("event") == "run_end"]
+        self.ended = bool(ends)
+        self.run_end: Mapping[str, Any] | None = ends[-1] if ends else None
         finals = [e for e in self.events if e.get("event") == "final" and e.get("level") == ROOT_LEVEL]
         self.final: Mapping[str, Any] | None = finals[-1] if finals else None
+        # Blocks whose recording is not whole: begun but never ended (the run was cut inside),
+        # and those whose exec_end says sub-call records were lost on the way.
+        started: set[Key] = set()
+        self.records_dropped: dict[Key, int] = {}
+        for e in self.events:
+            name = e.get("event")
+            if name not in ("exec_start", "exec_end"):
+                continue
+            key = _block_key(e)
+            if name == "exec_start":
+                started.add(key)
+                continue
+            started.discard(key)
+            dropped = e.get("records_dropped")
+            if isinstance(dropped, int) and dropped > 0:
+                self.records_dropped[key] = self.records_dropped.get(key, 0) + dropped
+        self.unfinished: frozenset[Key] = frozenset(started)
+        self.blocks: frozenset[Key] = frozenset(
+            _block_key(e) for e in self.events if e.get("event") == "exec_start"
+        )
+
+    @property
+    def finished(self) -> Mapping[str, Any] | None:
+        """The last ``run_end`` when the recorded run ended for good (not by an error), else None:
+        what ``rlmq run --resume`` refuses to continue."""
+        end = self.run_end
+        if end is None or end.get("stop_reason") in RESUMABLE_STOPS:
+            return None
+        return end
+
+    @property
+    def last_event(self) -> Mapping[str, Any]:
+        return self.events[-1]
 
     @classmethod
     def load(cls, path: str | Path) -> Recording:
@@ -227,11 +273,43 @@ class Recording:
         )
 
     def recorded_keys(self) -> dict[tuple[Any, ...], int]:
-        """The events a resumed run must not write again (``Trajectory.skip``)."""
-        return dict(Counter(event_key(e) for e in self.events if e.get("event") not in _NOT_SKIPPED))
+        """The events a resumed run must not write again (``Trajectory.skip``). A ``final`` of
+        the root, or one with an error, ended a process that stopped there: the resumed run's
+        own is new, though its key is the same."""
+        return dict(
+            Counter(
+                event_key(e)
+                for e in self.events
+                if e.get("event") not in _NOT_SKIPPED
+                and not (e.get("event") == "final" and (e.get("level") == ROOT_LEVEL or e.get("error")))
+            )
+        )
+
+    def incomplete_blocks(self) -> list[dict[str, Any]]:
+        """The blocks whose exec_end says sub-call records were lost, for the ``resume`` event."""
+        return [
+            {"level": level, "iteration": iteration, "block": block, "records_dropped": n}
+            for (level, iteration, block), n in self.records_dropped.items()
+        ]
+
+    def cut_note(self) -> str:
+        """Where a recording without run_end stops: its last event, for a message."""
+        last = self.last_event
+        where = [f"level {last.get('level', ROOT_LEVEL)}"]
+        if last.get("iteration") is not None:
+            where.append(f"iteration {last.get('iteration')}")
+        if last.get("block") is not None:
+            where.append(f"block {last.get('block')}")
+        return (
+            f"it has no run_end: the recorded run was cut after its {last.get('event')} ({', '.join(where)})"
+        )
 
     def plan(self, *, live: bool, resume: dict[str, Any] | None = None) -> RunReplay:
         return RunReplay(self.sub_call_replay(live=live), resume)
+
+
+def _block_key(e: Mapping[str, Any]) -> Key:
+    return (str(e.get("level", ROOT_LEVEL)), int(e.get("iteration") or 0), int(e.get("block") or 0))
 
 
 def _clip(text: str, limit: int = 80) -> str:
@@ -316,8 +394,24 @@ class RecordedModels:
             log.warning("resume: the run no longer matches its recording (%s); going on live", what)
             self.gone_live = True
         elif self.live is None:
-            what = f"a model call at depth {depth} past the end of the recording"
-            self._diverged(Divergence(ROOT_LEVEL, None, None, what))
+            if self.recording.ended:
+                what = f"a model call at depth {depth} past the end of the recording"
+                self._diverged(Divergence(ROOT_LEVEL, None, None, what))
+            else:
+                last = self.recording.last_event
+                what = (
+                    f"the recording ends before the run did ({self.recording.cut_note()}); "
+                    f"the replay asked for one more model call (depth {depth})"
+                )
+                self._diverged(
+                    Divergence(
+                        str(last.get("level", ROOT_LEVEL)),
+                        last.get("iteration"),
+                        last.get("block"),
+                        what,
+                        kind="recording_ends",
+                    )
+                )
             raise ReplayDiverged(what)
         self.gone_live = True
         assert self.live is not None
@@ -397,23 +491,20 @@ class Comparer:
         if name == "sub_call":
             self.sub_calls += 1
             if fields.get("diverged"):
-                self.note(
-                    Divergence(
-                        level,
-                        iteration,
-                        block,
-                        f"sub-call {fields.get('seq')} ({_clip(str(fields.get('prompt', '')), 60)}) "
-                        "has no recorded answer (its prompt differs, or it was never made)",
-                    )
-                )
+                self.note(self._unanswered(level, iteration, block, fields))
             return
         if name not in _ORDERED:
             return
         if self.position >= len(self.expected):
             if self.recording.ended:
-                self.note(
-                    Divergence(level, iteration, block, f"a {name} event past the end of the recording")
+                what = f"a {name} event past the end of the recording"
+                self.note(Divergence(level, iteration, block, what))
+            else:
+                what = (
+                    f"the recording ends before the run did ({self.recording.cut_note()}); "
+                    f"the replay went on to {name}"
                 )
+                self.note(Divergence(level, iteration, block, what, kind="recording_ends"))
             return
         want = self.expected[self.position]
         self.position += 1
@@ -435,6 +526,41 @@ class Comparer:
                 what = f"{name}: {key} differs: recorded {_clip(str(value))}, now {_clip(str(got.get(key)))}"
                 self.note(Divergence(level, iteration, block, what))
                 return
+
+    def _unanswered(self, level: str, iteration: Any, block: Any, fields: Mapping[str, Any]) -> Divergence:
+        """Why a sub-call of the replay found no recorded answer: the recording of its block is
+        incomplete or cut, or the call differs from what was recorded."""
+        call = f"sub-call {fields.get('seq')} ({_clip(str(fields.get('prompt', '')), 60)})"
+        key = (level, int(iteration or 0), int(block or 0))
+        dropped = self.recording.records_dropped.get(key, 0)
+        if dropped:
+            return Divergence(
+                level,
+                iteration,
+                block,
+                f"the recording of this block is incomplete ({dropped} sub-call record(s) were lost "
+                f"when it was recorded: exec_end records_dropped), so it cannot be checked: {call} "
+                "has no recorded answer",
+                kind="incomplete",
+            )
+        if key in self.recording.unfinished or (
+            key not in self.recording.blocks and not self.recording.ended
+        ):
+            recorded = len(self.recording.sub_calls.get(key, ()))
+            return Divergence(
+                level,
+                iteration,
+                block,
+                f"the recording ends in this block (cut after {recorded} of its sub-call records; "
+                f"{self.recording.cut_note()}): {call} was not recorded",
+                kind="recording_ends",
+            )
+        return Divergence(
+            level,
+            iteration,
+            block,
+            f"{call} has no recorded answer (its prompt differs from the recorded one, or it was never made)",
+        )
 
     def finish(self) -> Divergence | None:
         """The first divergence, counting a replay that stopped before the recording did."""
@@ -518,12 +644,21 @@ async def resume_on(
     the events the recording already has."""
     check_context(recording, context)
     settings = recording.remaining_settings(recording.run_settings())
-    resume = {
+    resume: dict[str, Any] = {
         "run": recording.run_id,
         "handler_run": run_id,
         "resumed_from": len(recording.events),
         "usage_recorded": recording.spent(),
     }
+    incomplete = recording.incomplete_blocks()
+    if incomplete:
+        # Not a divergence: the calls whose records were lost are simply sent live again.
+        resume["incomplete_blocks"] = incomplete
+        log.warning(
+            "resume: %d block(s) of the recording lost sub-call records; their unrecorded calls go "
+            "to the handler again",
+            len(incomplete),
+        )
     trajectory.skip = recording.recorded_keys()
 
     def live_from(divergence: Divergence) -> None:

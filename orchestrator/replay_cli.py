@@ -2,8 +2,10 @@
 
 Root responses and sub-call answers come from the recording (no model is called); the code runs
 again in a real sandbox session (a pool given by ``--sandbox``, or a private one started from
-``--config``). Exit status: 0 when the replay matched the recording, 1 when it diverged (the
-first difference is printed), 2 on bad arguments or an unreadable trajectory.
+``--config``, else ``rlmq.toml``, else a built-in offline config: echo models under the aliases
+the recording used). Exit status: 0 when the replay matched the recording, 1 when it did not (the
+first difference, or where a cut or incomplete recording stops the check, is printed), 2 on bad
+arguments or an unreadable trajectory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rlmq.protocol import ConfigError, RlmqError
 from rlmq.protocol.security import CurveClientKeys, client_keys_from_env
@@ -26,7 +29,9 @@ from .replay import Recording, ReplayReport
 from .runner import replay_recording
 from .trajectory import Trajectory, TrajectoryError
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "offline_config"]
+
+DEFAULT_CONFIG = "rlmq.toml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,21 +43,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--config",
-        default="rlmq.toml",
-        help="TOML to start a private pool (and handler) with, when --sandbox is not given "
-        "(default: %(default)s); no model is called",
+        help=f"TOML to start the private pool (and the handler it is wired to) with, when --sandbox is "
+        f"not given (default: {DEFAULT_CONFIG} if there is one, else a built-in offline config of echo "
+        "models under the aliases the recording used). No model is called either way",
     )
     parser.add_argument(
-        "--handler", help="address of a running handler (only for starting nothing privately)"
+        "--handler",
+        help="address(es) of a running handler for the private pool to be wired to, instead of a "
+        "private handler: a comma-separated list for several handlers of one front. Not needed: "
+        "replay sends no model call; unused with --sandbox",
     )
-    parser.add_argument("--sandbox", help="address of a running sandbox pool (default: start a private one)")
+    parser.add_argument(
+        "--sandbox",
+        help="address of a running sandbox pool to execute the code in (default: start a private one)",
+    )
     parser.add_argument(
         "--out", help="write the replay's own trajectory here (default: a temporary file, removed)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object with the verdict")
 
 
-async def _replay(args: argparse.Namespace, curve: CurveClientKeys | None, out: Path) -> ReplayReport:
+def offline_config(recording: Recording) -> str:
+    """A config for the private services of a replay: an echo model under every alias the
+    recording names (its settings, model calls and sub-calls). None of them is called: the pool
+    answers sub-calls from the recording, the root responses come from the file."""
+    aliases: dict[str, None] = {}
+    for name in ("root_model", "sub_model"):
+        value = recording.settings.get(name)
+        aliases.setdefault(value if isinstance(value, str) and value else name.split("_")[0], None)
+    for e in recording.events:
+        model = e.get("model")
+        if e.get("event") in ("model_call", "sub_call") and isinstance(model, str) and model:
+            aliases.setdefault(model, None)
+    lines = ["# Built in by `rlmq replay`: no model is called; these only let the services start."]
+    for alias in aliases:
+        lines += [f"[models.{json.dumps(alias)}]", 'backend = "echo"', ""]
+    return "\n".join(lines)
+
+
+def _config(args: argparse.Namespace, recording: Recording, directory: Path) -> str:
+    """The config for private services: --config, else rlmq.toml here, else a built-in one."""
+    if args.config:
+        return str(args.config)
+    if Path(DEFAULT_CONFIG).exists():
+        return DEFAULT_CONFIG
+    path = directory / "offline.toml"
+    path.write_text(offline_config(recording), encoding="utf-8")
+    print(
+        f"rlmq replay: no --config and no {DEFAULT_CONFIG} here: starting private services with a "
+        "built-in offline config (echo models; none is called)",
+        file=sys.stderr,
+    )
+    return str(path)
+
+
+async def _replay(
+    args: argparse.Namespace, curve: CurveClientKeys | None, out: Path, directory: Path
+) -> ReplayReport:
     recording = Recording.load(args.trajectory)
     source = args.context or recording.start.get("context_path")
     if not source:
@@ -64,7 +111,8 @@ async def _replay(args: argparse.Namespace, curve: CurveClientKeys | None, out: 
             return await replay_recording(
                 recording, context, sandbox=args.sandbox, trajectory=trajectory, curve=curve
             )
-        async with services_or_private(args.handler, args.sandbox, args.config, guide="README") as (
+        config = _config(args, recording, directory)
+        async with services_or_private(args.handler, args.sandbox, config, guide="README") as (
             _,
             sandbox,
         ):
@@ -73,6 +121,13 @@ async def _replay(args: argparse.Namespace, curve: CurveClientKeys | None, out: 
             )
     finally:
         trajectory.close()
+
+
+_VERDICT: dict[str, Any] = {
+    "differs": "replay diverged at",
+    "recording_ends": "replay reached the end of a cut recording (everything before matched) at",
+    "incomplete": "replay cannot check an incomplete recording (everything before matched) at",
+}
 
 
 def _print(args: argparse.Namespace, report: ReplayReport) -> None:
@@ -99,7 +154,7 @@ def _print(args: argparse.Namespace, report: ReplayReport) -> None:
             f"{report.sub_calls} sub-calls served from the recording; answer: {result.answer}"
         )
     else:
-        print(f"replay diverged at {report.divergence}")
+        print(f"{_VERDICT.get(report.divergence.kind, _VERDICT['differs'])} {report.divergence}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -107,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
         curve = client_keys_from_env(os.environ)
         with tempfile.TemporaryDirectory(prefix="rlmq-replay-") as tmp:
             out = Path(args.out) if args.out else Path(tmp) / "replay.jsonl"
-            report = asyncio.run(_replay(args, curve, out))
+            report = asyncio.run(_replay(args, curve, out, Path(tmp)))
     except (ConfigError, ContextError, NoServices, TrajectoryError) as exc:
         print(f"rlmq replay: {exc.message}", file=sys.stderr)
         return 2

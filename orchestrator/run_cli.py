@@ -3,7 +3,9 @@
 Exit status: 0 with an answer (FINAL, or the best answer when the iteration limit was hit);
 3 when a budget or the wall time stopped the run; 1 on errors; 2 on bad arguments or config.
 
-``--resume RUN.jsonl`` continues a run that was cut (docs/trajectory.md, "Resume").
+``--resume RUN.jsonl`` continues a run that was cut (docs/trajectory.md, "Resume"). A run that
+already ended (its ``run_end`` says so, for any reason but an error) is not run again: its
+recorded answer is printed as the run printed it, with the same exit status (docs/orchestrator.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default="rlmq.toml", help="TOML with [models.*] and optional [run] (default: %(default)s)"
     )
-    parser.add_argument("--handler", help="address of a running handler (default: start a private one)")
+    parser.add_argument(
+        "--handler",
+        help="address of a running handler, or a comma-separated list of several handlers of one front "
+        "(default: start a private one)",
+    )
     parser.add_argument("--sandbox", help="address of a running sandbox pool (default: start a private one)")
     parser.add_argument(
         "--max-iterations", type=int, help="root-model turns before a forced answer (default 30)"
@@ -79,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN.jsonl",
         help="continue a run that was cut: replay its trajectory (no model calls, no cost), rebuild "
         "the REPL by running its code again, then go on live under what is left of its budget, "
-        "appending to the same file. Settings come from the recording",
+        "appending to the same file. Settings come from the recording. A run that already ended "
+        "(except by an error) is not continued: its recorded answer is printed",
     )
     parser.add_argument(
         "--otlp-endpoint",
@@ -129,9 +137,10 @@ def _context_path(given: str) -> str | None:
     return None if given == "-" else str(Path(given).resolve())
 
 
-async def _resume(args: argparse.Namespace, curve: CurveClientKeys | None) -> tuple[RunResult, Path]:
+async def _resume(
+    args: argparse.Namespace, curve: CurveClientKeys | None, recording: Recording
+) -> tuple[RunResult, Path]:
     path = Path(args.resume)
-    recording = Recording.load(path)
     source = args.context or recording.start.get("context_path")
     if not source:
         raise ContextError("--resume needs --context: the recording does not say where its context was")
@@ -174,7 +183,10 @@ async def _main(args: argparse.Namespace, curve: CurveClientKeys | None) -> int:
 
 async def _run_or_resume(args: argparse.Namespace, curve: CurveClientKeys | None) -> int:
     if args.resume:
-        result, path = await _resume(args, curve)
+        recording = Recording.load(args.resume)
+        if recording.finished is not None:
+            return _already_ended(args, recording.finished, Path(args.resume))
+        result, path = await _resume(args, curve, recording)
         return _report(args, result, path)
     if args.query is None or args.context is None:
         raise ContextError("rlmq run needs --query and --context (or --resume RUN.jsonl)")
@@ -204,23 +216,61 @@ async def _run_or_resume(args: argparse.Namespace, curve: CurveClientKeys | None
     return _report(args, result, path)
 
 
-def _report(args: argparse.Namespace, result: RunResult, path: Path) -> int:
+def _exit_status(stop_reason: str | None, ok: bool) -> int:
+    if stop_reason in (StopReason.BUDGET_EXCEEDED, StopReason.WALL_TIME):
+        return 3
+    return 0 if ok else 1
+
+
+def _already_ended(args: argparse.Namespace, end: Mapping[str, Any], path: Path) -> int:
+    """``--resume`` of a run that ended: nothing runs; the recorded end is reported as the run
+    reported it (stdout, ``--json``, exit status), with a note on stderr."""
+    stop_reason = end.get("stop_reason")
+    answer = end.get("answer")
+    answer = "" if answer is None else str(answer)
     if args.json:
         print(
             json.dumps(
                 {
-                    "answer": result.answer,
-                    "stop_reason": result.stop_reason,
-                    "detail": result.detail,
-                    "iterations": result.iterations,
-                    "usage": result.usage.to_wire() if result.usage else None,
-                    "elapsed_s": result.elapsed_s,
-                    "run_id": result.run_id,
+                    "answer": answer,
+                    "stop_reason": stop_reason,
+                    "detail": end.get("detail"),
+                    "iterations": end.get("iterations"),
+                    "usage": end.get("usage"),
+                    "elapsed_s": end.get("elapsed_s"),
+                    "run_id": end.get("run"),
                     "trajectory": str(path),
+                    "resumed": False,
                 },
                 ensure_ascii=False,
             )
         )
+    else:
+        print(answer)
+    how = f"{stop_reason}" + (f": {end.get('detail')}" if end.get("detail") else "")
+    print(
+        f"rlmq run: {path} already ended ({how}); nothing to resume, its recorded answer is printed. "
+        "Run again without --resume to start over (with higher limits, if a limit stopped it)",
+        file=sys.stderr,
+    )
+    return _exit_status(stop_reason, stop_reason in (StopReason.FINAL, StopReason.MAX_ITERATIONS))
+
+
+def _report(args: argparse.Namespace, result: RunResult, path: Path) -> int:
+    if args.json:
+        fields: dict[str, Any] = {
+            "answer": result.answer,
+            "stop_reason": result.stop_reason,
+            "detail": result.detail,
+            "iterations": result.iterations,
+            "usage": result.usage.to_wire() if result.usage else None,
+            "elapsed_s": result.elapsed_s,
+            "run_id": result.run_id,
+            "trajectory": str(path),
+        }
+        if args.resume:
+            fields["resumed"] = True
+        print(json.dumps(fields, ensure_ascii=False))
     else:
         print(result.answer)
     note = f"run {result.run_id}: {result.stop_reason}"
@@ -230,9 +280,7 @@ def _report(args: argparse.Namespace, result: RunResult, path: Path) -> int:
         f"{note}; {result.iterations} iterations, {result.elapsed_s:.1f} s; trajectory: {path}",
         file=sys.stderr,
     )
-    if result.stop_reason in (StopReason.BUDGET_EXCEEDED, StopReason.WALL_TIME):
-        return 3
-    return 0 if result.ok else 1
+    return _exit_status(result.stop_reason, result.ok)
 
 
 def main(args: argparse.Namespace) -> int:

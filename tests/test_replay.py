@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 
 from rlmq.orchestrator.loop import RLM
 from rlmq.orchestrator.replay import Recording, replay_on
+from rlmq.orchestrator.replay_cli import offline_config
 from rlmq.orchestrator.settings import RunSettings
 from rlmq.orchestrator.testing import InMemorySandbox, ScriptedModelClient
 from rlmq.orchestrator.trajectory import Trajectory, read_events
@@ -118,6 +120,150 @@ async def test_a_changed_prompt_diverges_at_the_model_call(tmp_path: Path) -> No
     assert silent.requests == []
 
 
+def cut(path: Path, *, after: str, nth: int = 1, torn: bool = True) -> None:
+    """What a crash leaves: the lines up to the ``nth`` event named ``after``, then (``torn``)
+    half of the next line."""
+    lines = path.read_text().splitlines(keepends=True)
+    seen, out = 0, []
+    for line in lines:
+        out.append(line)
+        if json.loads(line)["event"] == after:
+            seen += 1
+            if seen == nth:
+                break
+    following = lines[len(out)]
+    path.write_text("".join(out) + (following[: len(following) // 2] if torn else ""))
+
+
+async def test_a_recording_cut_inside_a_batch_says_where_it_ends_not_that_it_diverged(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    await record(path)
+    cut(path, after="sub_call", nth=2)  # the root's batch: 2 of its 4 records were written
+    report, silent = await replay(path)
+    divergence = report.divergence
+    assert divergence is not None
+    assert (divergence.kind, divergence.level, divergence.iteration, divergence.block) == (
+        "recording_ends",
+        "0",
+        2,
+        0,
+    )
+    assert "the recording ends in this block (cut after 2 of its sub-call records" in divergence.what
+    assert "sub-call 2 ('say gamma') was not recorded" in divergence.what
+    assert "has no recorded answer" not in divergence.what
+    assert silent.requests == []
+
+
+async def test_a_recording_cut_between_blocks_ends_before_the_run_did(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    await record(path)
+    cut(path, after="exec_end", torn=False)  # iteration 1 whole, then nothing
+    report, silent = await replay(path)
+    assert report.divergence is not None
+    assert report.divergence.kind == "recording_ends"
+    assert (report.divergence.level, report.divergence.iteration) == ("0", 1)
+    assert "the recording ends before the run did" in report.divergence.what
+    assert "cut after its exec_end (level 0, iteration 1, block 0)" in report.divergence.what
+    assert silent.requests == []
+
+
+class LossySession:
+    """A session whose client lost the record of each call with seq 1, as one that got a
+    malformed notice does: it counts them in ``records_dropped``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.records_dropped = 0
+
+    async def exec(
+        self,
+        code: str,
+        *,
+        timeout_s: float | None = None,
+        on_sub_call: Any = None,
+        record_chars: int | None = None,
+        replay: Any = None,
+    ) -> Any:
+        self.records_dropped = 0
+
+        def keep(record: Any) -> None:
+            if record.seq == 1:
+                self.records_dropped += 1
+            else:
+                on_sub_call(record)
+
+        return await self.inner.exec(
+            code,
+            timeout_s=timeout_s,
+            on_sub_call=None if on_sub_call is None else keep,
+            record_chars=record_chars,
+            replay=replay,
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class LossySandbox(InMemorySandbox):
+    async def open(self, **options: Any) -> Any:
+        return LossySession(await super().open(**options))
+
+
+async def test_lost_records_are_written_to_exec_end_and_replay_says_the_block_is_incomplete(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "t.jsonl"
+    model = ScriptedModelClient()
+    model.script("t", ROOT, depth=0)
+    model.script("t", CHILD, depth=1)
+    trajectory = Trajectory(path)
+    try:
+        await RLM(model, LossySandbox(model), RunSettings(max_depth=2)).run(
+            "What?", CONTEXT, run_id="t", trajectory=trajectory
+        )
+    finally:
+        trajectory.close()
+    ends = {
+        (e["level"], e["iteration"]): e["records_dropped"]
+        for e in read_events(path)
+        if e["event"] == "exec_end"
+    }
+    assert ends == {("0", 1): 0, ("0.1", 1): 0, ("0", 2): 1, ("0", 3): 0}
+    report, silent = await replay(path)
+    assert report.divergence is not None
+    assert (report.divergence.kind, report.divergence.iteration, report.divergence.block) == (
+        "incomplete",
+        2,
+        0,
+    )
+    assert (
+        "the recording of this block is incomplete (1 sub-call record(s) were lost" in report.divergence.what
+    )
+    assert "sub-call 1 ('say beta')" in report.divergence.what
+    assert silent.requests == []
+
+
+async def test_a_whole_recording_has_no_records_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    await record(path)
+    assert {e["records_dropped"] for e in read_events(path) if e["event"] == "exec_end"} == {0}
+
+
+async def test_the_built_in_offline_config_names_every_alias_the_recording_used(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    await record(path)
+
+    def rename(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        events[0]["settings"]["root_model"] = "boss"
+        next(e for e in events if e["event"] == "sub_call")["model"] = "odd.name"
+        return events
+
+    rewrite(path, rename)
+    config = tomllib.loads(offline_config(Recording.load(path)))
+    # root: the model calls still name it; sub: the settings and the other sub-calls do.
+    assert config["models"] == {name: {"backend": "echo"} for name in ("boss", "sub", "root", "odd.name")}
+
+
 # ---------------------------------------------------------------- real processes
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -183,3 +329,67 @@ def test_the_demos_trajectory_replays_with_the_same_answer_and_no_model_call(tmp
         except subprocess.TimeoutExpired:
             up.kill()
             up.communicate()
+
+
+@pytest.mark.slow
+def test_replay_without_a_config_starts_private_services_from_a_built_in_offline_one(tmp_path: Path) -> None:
+    """The contract form, ``rlmq replay RUN.jsonl``, in a directory with no rlmq.toml: the
+    recording's aliases (here not the defaults) get echo models, none of which is called."""
+    recorded_in = tmp_path / "recorded"
+    recorded_in.mkdir()
+    script = recorded_in / "script.json"
+    script.write_text(
+        json.dumps(
+            [
+                "```repl\nlines = context.splitlines()\necho = llm_query_batched(lines)\n```",
+                "```repl\nFINAL(' + '.join(echo))\n```",
+            ]
+        )
+    )
+    (recorded_in / "rlmq.toml").write_text(
+        f'[models.boss]\nbackend = "script"\npath = "{script}"\n\n[models.helper]\nbackend = "echo"\n'
+    )
+    context = recorded_in / "doc.txt"
+    context.write_text("one\ntwo\nthree")
+    trajectory = tmp_path / "t.jsonl"
+    run = subprocess.run(
+        [
+            *RLMQ,
+            "run",
+            "--root-model",
+            "boss",
+            "--sub-model",
+            "helper",
+            "-q",
+            "Join them",
+            "--context",
+            str(context),
+            "--trajectory",
+            str(trajectory),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=recorded_in,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["answer"] == "one + two + three"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(
+        [*RLMQ, "replay", str(trajectory), "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=elsewhere,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    verdict = json.loads(done.stdout)
+    assert verdict["matched"] is True
+    assert verdict["answer"] == verdict["recorded_answer"] == "one + two + three"
+    assert verdict["sub_calls_replayed"] == 3
+    assert "built-in offline config" in done.stderr
+    assert list(elsewhere.iterdir()) == []  # nothing written where it ran

@@ -3,6 +3,8 @@ nothing twice. Units on the in-memory fakes, then a real ``rlmq run`` killed wit
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from rlmq.orchestrator import run_cli
 from rlmq.orchestrator.loop import RLM
 from rlmq.orchestrator.replay import Recording, resume_on
 from rlmq.orchestrator.settings import RunSettings
@@ -116,6 +119,93 @@ async def test_a_resume_that_no_longer_matches_goes_on_live(tmp_path: Path) -> N
     )
     assert result.answer == "live"
     assert [e["event"] for e in trajectory.events].count("resume_diverged") == 1
+
+
+def resume_cli(path: Path, *extra: str) -> int:
+    """``rlmq run --resume PATH`` in this process, with no service to reach."""
+    parser = argparse.ArgumentParser()
+    run_cli.add_arguments(parser)
+    return run_cli.main(parser.parse_args(["--resume", str(path), "--handler", "ipc:///nowhere", *extra]))
+
+
+@pytest.mark.parametrize(("stop_reason", "status"), [("final", 0), ("max_iterations", 0), ("wall_time", 3)])
+async def test_resuming_a_run_that_ended_prints_its_answer_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stop_reason: str, status: int
+) -> None:
+    path = tmp_path / "t.jsonl"
+    answer = await record(path)
+    lines = path.read_text().splitlines(keepends=True)
+    end = json.loads(lines[-1])
+    assert end["event"] == "run_end"
+    end["stop_reason"] = stop_reason
+    path.write_text("".join(lines[:-1]) + json.dumps(end) + "\n")
+    before = path.read_text()
+    # No handler or pool answers there: a resume that tried to run would fail, not print the answer.
+    assert await asyncio.to_thread(resume_cli, path, "--sandbox", "ipc:///nowhere") == status
+    out, err = capsys.readouterr()
+    assert out == answer + "\n"
+    assert f"already ended ({stop_reason})" in err
+    assert "nothing to resume" in err
+    assert await asyncio.to_thread(resume_cli, path, "--sandbox", "ipc:///nowhere", "--json") == status
+    out, _ = capsys.readouterr()
+    verdict = json.loads(out)
+    assert (verdict["answer"], verdict["stop_reason"], verdict["resumed"]) == (answer, stop_reason, False)
+    assert verdict["run_id"] == "t"
+    assert path.read_text() == before  # not a line appended
+
+
+async def test_a_run_that_ended_by_an_error_is_resumed_and_ends_again(tmp_path: Path) -> None:
+    """A handler that went away after the second block: the recording has a final and a run_end
+    with an error; --resume goes on and writes its own final and run_end after them."""
+    answer = await record(tmp_path / "whole.jsonl", "whole")
+    path = tmp_path / "t.jsonl"
+    await record(path)
+    lines = path.read_text().splitlines(keepends=True)
+    ends = [i for i, line in enumerate(lines) if json.loads(line)["event"] == "exec_end"]
+    kept = lines[: ends[2] + 1]  # three blocks ran; the fourth model call failed
+    error = {"code": "unavailable", "message": "the handler went away", "retryable": True}
+    t = json.loads(kept[-1])["t"]
+    ended = {
+        "level": "0",
+        "depth": 0,
+        "t": t,
+        "stop_reason": "error",
+        "detail": "unavailable",
+        "error": error,
+    }
+    failed = [
+        {"event": "final", **ended, "answer": "", "iterations": 3, "ending": None},
+        {
+            "event": "run_end",
+            **ended,
+            "run": "t",
+            "answer": "",
+            "iterations": 3,
+            "elapsed_s": t,
+            "usage": None,
+        },
+    ]
+    path.write_text("".join(kept) + "".join(json.dumps(e) + "\n" for e in failed))
+    recording = Recording.load(path)
+    assert recording.ended
+    assert recording.finished is None
+    live = ScriptedModelClient()
+    live.script("t-r1", ROOT[3:])
+    trajectory = Trajectory(path, append=True, t_offset_s=float(recording.events[-1]["t"]))
+    try:
+        result = await resume_on(
+            recording, CONTEXT, live=live, sandbox=InMemorySandbox(live), trajectory=trajectory, run_id="t-r1"
+        )
+    finally:
+        trajectory.close()
+    assert result.answer == answer
+    assert len(live.requests) == 1  # only the call that had failed
+    events = read_events(path)
+    root_finals = [e for e in events if e["event"] == "final" and e["level"] == "0"]
+    assert [f["stop_reason"] for f in root_finals] == ["error", "final"]
+    run_ends = [e for e in events if e["event"] == "run_end"]
+    assert [(e["stop_reason"], e["answer"]) for e in run_ends] == [("error", ""), ("final", answer)]
+    assert Recording.load(path).finished is not None  # now it has ended for good
 
 
 # ---------------------------------------------------------------- real processes

@@ -5,7 +5,7 @@ caller, and how an exec's sub-calls are answered from a recording."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +21,13 @@ from rlmq.protocol.errors import ErrorInfo
 from rlmq.protocol.messages import CompleteReply, PongReply
 from rlmq.protocol.sandbox import (
     AsyncSandboxClient,
+    ExecReply,
     ExecRequest,
     ExecResult,
+    OpenReply,
     Replay,
     Session,
+    SessionInfo,
     SubCall,
     SubCallsNotice,
     decode_sandbox_request,
@@ -454,3 +457,73 @@ async def test_trace_is_put_on_every_forwarded_complete(
         ("untraced", None),
     ]
     assert all(r["run"] == "trace" for r in upstream.requests)
+
+
+# ---------------------------------------------------------------- records lost on the way
+
+
+class FakePool:
+    """A ROUTER standing in for the pool: answers an open, then each exec with the notices it is
+    given before the reply, as the pool does."""
+
+    def __init__(self, ctx: zmq.asyncio.Context) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.bind("tcp://127.0.0.1:0")
+        self.address = str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    async def answer(self, notices: Sequence[dict[str, Any]] = ()) -> None:
+        """Serve one request: an open, or an exec preceded by ``notices`` (their id filled in)."""
+        frames = await self.sock.recv_multipart()
+        identity, obj = frames[0], unpack(frames[2])  # [identity, delimiter, header, blobs...]
+        if obj["op"] == "open":
+            reply = OpenReply(obj["id"], "s1", SessionInfo(4242, "str", 3, 3, 0.1), 5.0, 1000).to_wire()
+        else:
+            assert obj["op"] == "exec"
+            for notice in notices:
+                body = {"v": 1, "op": "sub_calls", "id": obj["id"], "session": "s1", **notice}
+                await self.sock.send_multipart([identity, b"", pack(body)])
+            result = ExecResult("", "", None, None, None, 1.0, 0, 3, False)
+            reply = ExecReply(obj["id"], "s1", result).to_wire()
+        await self.sock.send_multipart([identity, b"", pack(reply)])
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+async def test_a_malformed_notice_is_counted_per_exec_not_silently_dropped(actx: zmq.asyncio.Context) -> None:
+    """A notice that does not decode: its readable records still arrive, the rest are counted in
+    ``Session.records_dropped`` for the caller to write into exec_end (docs/trajectory.md)."""
+    pool = FakePool(actx)
+    try:
+        async with AsyncSandboxClient(pool.address, context=actx, timeout_s=10) as client:
+            served = asyncio.get_running_loop().create_task(pool.answer())
+            session = await client.open(run="lossy", context="abc")
+            await served
+            assert session.records_dropped == 0
+            good = [_record(0).to_wire(), _record(2).to_wire()]
+            bad_record = {"records": [good[0], {"seq": "not a number"}]}  # one readable, one not
+            no_list = {"records": "garbage"}  # nothing readable: counts as one lost
+            notices: list[dict[str, Any]] = [bad_record, no_list, {"records": [good[1]]}]
+            got = Records()
+            served = asyncio.get_running_loop().create_task(pool.answer(notices))
+            await session.exec("x", record_chars=100, on_sub_call=got)
+            await served
+            assert [r.seq for r in got] == [0, 2]
+            assert session.records_dropped == 2
+
+            # A failing on_sub_call loses its record too; the count is per exec.
+            def failing(record: SubCall) -> None:
+                raise RuntimeError("the caller's bug")
+
+            served = asyncio.get_running_loop().create_task(pool.answer([{"records": [good[0]]}]))
+            await session.exec("y", record_chars=100, on_sub_call=failing)
+            await served
+            assert session.records_dropped == 1
+            served = asyncio.get_running_loop().create_task(pool.answer([{"records": good}]))
+            await session.exec("z", record_chars=100, on_sub_call=Records())
+            await served
+            assert session.records_dropped == 0
+            assert client._records_dropped == {}  # nothing kept past its exec
+            session.closed = True  # the fake pool answers no close
+    finally:
+        pool.close()

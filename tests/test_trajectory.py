@@ -125,6 +125,7 @@ async def test_each_sub_call_is_recorded_under_its_block_with_long_prompts_cut()
     )
     (end,) = [e for e in events(trajectory, "exec_end") if e["block"] == 1]
     assert end["llm_calls"] == 3
+    assert end["records_dropped"] == 0  # every record reached the trajectory
 
 
 async def test_a_failed_sub_call_is_recorded_with_its_error() -> None:

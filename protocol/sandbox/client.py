@@ -96,6 +96,9 @@ class Session:
         self.on_rlm_query = on_rlm_query
         self.on_tool_call = on_tool_call
         self.closed = False
+        # Sub-call records of the last exec that never reached its on_sub_call (a malformed
+        # notice, or the callback failed): the caller's trajectory lacks that many of them.
+        self.records_dropped = 0
 
     def __repr__(self) -> str:
         info = self.info
@@ -116,7 +119,8 @@ class Session:
         ``record_chars``: the pool records every sub-call of the code (prompts longer than this
         cut to head and tail) and ``on_sub_call`` gets each record, in order of issue, before
         this returns; None records nothing. ``replay``: the pool answers the sub-calls from
-        these records instead of the handler (see ``Replay``)."""
+        these records instead of the handler (see ``Replay``). After it returns (or raises),
+        ``records_dropped`` counts the records of this exec that were lost on the way."""
         if self.closed:
             raise SandboxError(ErrorCode.UNKNOWN_SESSION, f"session {self.id} is closed")
         if record_chars is not None and record_chars < 0:
@@ -131,12 +135,14 @@ class Session:
             replay=replay,
             trace=current_traceparent(),
         )
+        self.records_dropped = 0
         if on_sub_call is not None and record_chars is not None:
             self._client._sub_call_sinks[req.id] = on_sub_call
         try:
             obj, _ = await self._client._request(req.to_wire(), [], deadline)
         finally:
             self._client._sub_call_sinks.pop(req.id, None)
+            self.records_dropped = self._client._records_dropped.pop(req.id, 0)
         try:
             _raise_for(obj)
         except SandboxError as exc:
@@ -194,6 +200,7 @@ class AsyncSandboxClient(AsyncDealer):
         self._sessions: dict[str, Session] = {}
         self._callbacks: set[asyncio.Task[None]] = set()
         self._sub_call_sinks: dict[str, SubCallCallback] = {}  # exec request id -> its on_sub_call
+        self._records_dropped: dict[str, int] = {}  # exec request id -> records lost (see _on_sub_calls)
 
     # ------------------------------------------------------------ transport
 
@@ -256,16 +263,40 @@ class AsyncSandboxClient(AsyncDealer):
         sink = self._sub_call_sinks.get(rid) if isinstance(rid, str) else None
         if sink is None:
             return  # nobody asked for them (or the exec timed out here)
+        assert isinstance(rid, str)
         try:
-            notice = SubCallsNotice.from_wire(obj)
+            records: Sequence[SubCall] = SubCallsNotice.from_wire(obj).records
         except ProtocolError as exc:
-            log.warning("malformed sub_calls notice from %s dropped: %s", self.address, exc.message)
-            return
-        for record in notice.records:
+            # Keep what can be read, one record at a time, and count the rest: a silent loss
+            # would make a later replay of the trajectory report a divergence that is not one.
+            records, lost = self._readable_records(obj.get("records"), rid)
+            self._records_dropped[rid] = self._records_dropped.get(rid, 0) + lost
+            log.warning(
+                "malformed sub_calls notice from %s: %d record(s) of exec %s dropped: %s",
+                self.address,
+                lost,
+                rid,
+                exc.message,
+            )
+        for record in records:
             try:
                 sink(record)
             except Exception:  # the callback's bug must not stop the reader of every session
-                log.exception("on_sub_call failed on record %d of exec %s", record.seq, notice.id)
+                self._records_dropped[rid] = self._records_dropped.get(rid, 0) + 1
+                log.exception("on_sub_call failed on record %d of exec %s", record.seq, rid)
+
+    @staticmethod
+    def _readable_records(raw: Any, rid: str) -> tuple[list[SubCall], int]:
+        """The records of a malformed notice that decode on their own, and how many do not (a
+        notice without a list of records counts as one lost: its size is unknown)."""
+        if not isinstance(raw, list):
+            return [], 1
+        good: list[SubCall] = []
+        for item in raw:
+            with contextlib.suppress(ProtocolError):
+                if isinstance(item, Mapping):
+                    good.append(SubCall.from_wire(item, rid))
+        return good, len(raw) - len(good)
 
     def _on_rlm_query(self, obj: Mapping[str, Any], blobs: list[Any]) -> None:
         try:
