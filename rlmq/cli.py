@@ -35,7 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "replay": (
         "rlmq.orchestrator.replay_cli",
-        "run a recorded trajectory again offline and report where it diverges (exit 1) or that it matched",
+        "run a recorded trajectory again offline: exit 0 if it matches, 1 where it diverges or the file ends",
     ),
     "keys": ("rlmq.protocol.security", "make CURVE keys for handlers and pools listening on TCP"),
     "fake-provider": (
