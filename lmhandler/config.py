@@ -1,10 +1,10 @@
 """The handler's settings: frozen dataclasses built once from the TOML file and the environment.
 
-Only ``load_config`` reads the file; the environment (for the API key variables the file names)
-is an argument, handed in by the entry point (``rlmq handler`` passes ``os.environ``): no
-function here reads ``os.environ`` on its own. Everything else receives a ``HandlerConfig``.
-Unknown keys are errors naming the key and the file, because a misspelt ``max_concurency``
-silently ignored is a production incident.
+Only ``load_config`` reads the file; the environment (the API key variables the file names, and
+``RLMQ_STATE_URL``) is an argument, handed in by the entry point (``rlmq handler`` passes
+``os.environ``): no function here reads ``os.environ`` on its own. Everything else receives a
+``HandlerConfig``. Unknown keys are errors naming the key and the file, because a misspelt
+``max_concurency`` silently ignored is a production incident.
 """
 
 from __future__ import annotations
@@ -187,6 +187,7 @@ class ModelConfig:
 
 
 STATE_SCHEMES = ("redis", "rediss", "unix")
+STATE_URL_ENV = "RLMQ_STATE_URL"  # overrides [state] url: how rlmq up hands its handlers a private Redis
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,16 +247,21 @@ _HANDLER_KINDS = field_kinds(HandlerConfig, exclude=("models", "source", "also_b
 _STATE_KINDS = field_kinds(StateConfig)
 
 
-def _state(table: Any, source: str) -> StateConfig:
+def _state(table: Any, source: str, env: Mapping[str, str]) -> StateConfig:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{source}: [state] must be a table")
     check_table(table, _STATE_KINDS, where="state", source=source, error=ConfigError)
     url = table.get("url")
+    where = f"{source}: [state] url"
+    if env.get(STATE_URL_ENV):  # set and not empty: it wins over the file (rlmq up's private Redis)
+        url = env[STATE_URL_ENV]
+        where = f"${STATE_URL_ENV} (which overrides [state] url in {source})"
+        table = {**table, "url": url}
     if url is not None:
         scheme = urlsplit(url).scheme
         if scheme not in STATE_SCHEMES:
             raise ConfigError(
-                f"{source}: [state] url {url!r} is not a Redis url; expected redis://HOST:PORT/DB "
+                f"{where} {url!r} is not a Redis url; expected redis://HOST:PORT/DB "
                 "(or rediss://, unix://), or no url for in-process state"
             )
     for key in ("timeout_s", "connect_timeout_s", "cache_ttl_s", "closed_run_ttl_s", "run_ttl_s"):
@@ -311,7 +317,8 @@ def parse_config(
     data: Mapping[str, Any], *, source: str = "<memory>", env: Mapping[str, str] | None = None
 ) -> HandlerConfig:
     """Build a ``HandlerConfig`` from an already parsed TOML document. ``env`` resolves the
-    ``api_key_env`` names; ``None`` is an empty environment (no keys)."""
+    ``api_key_env`` names, and its ``RLMQ_STATE_URL`` (when not empty) overrides ``[state] url``;
+    ``None`` is an empty environment (no keys, no override)."""
     env = {} if env is None else env
     unknown = sorted(set(data) - HANDLER_TABLES - OTHER_TABLES)
     if unknown:
@@ -327,7 +334,7 @@ def parse_config(
     if not isinstance(handler, Mapping):
         raise ConfigError(f"{source}: [handler] must be a table")
     check_table(handler, _HANDLER_KINDS, where="handler", source=source, error=ConfigError)
-    state = _state(data.get("state", {}), source)
+    state = _state(data.get("state", {}), source, env)
     return HandlerConfig(models=models, source=source, state=state, **handler)
 
 

@@ -3,8 +3,12 @@
 ``rlmq up`` runs them in the foreground; ``rlmq run`` without addresses and ``rlmq demo`` start
 private ones on ipc:// sockets in a temporary directory and stop them afterwards. They are started
 through the ``rlmq`` command, so this package never imports the other services. Several handlers
-share their state through Redis: the config's ``[state] url``, else a private ``redis-server`` on a
-random loopback port (no persistence), stopped with the rest.
+share their state through Redis: ``RLMQ_STATE_URL`` or the config's ``[state] url``, else a private
+``redis-server`` on a random loopback port (no persistence), stopped with the rest.
+
+Every child dies with the process that started it, even one killed by SIGKILL: on Linux each is
+started through a tiny wrapper that sets ``PR_SET_PDEATHSIG`` and then execs the service, so the
+kernel sends it SIGTERM when the starting thread (the event loop's) goes away.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -31,6 +34,33 @@ __all__ = ["LocalServices", "ServiceError", "local_services", "services_or_priva
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
+STATE_URL_ENV = "RLMQ_STATE_URL"  # the handler's override of [state] url (lmhandler/config.py reads it)
+
+# Run as ``python -I -S -c _DIE_WITH_PARENT PARENT_PID SIGNAL PROGRAM ARGS...``: asks the kernel to
+# send SIGNAL when the thread that forked us dies, then becomes PROGRAM (the setting survives
+# exec). A wrapper rather than preexec_fn, which is unsafe in a process with threads (the RLM
+# facade has several). The getppid check closes the race of a parent gone before the prctl.
+_DIE_WITH_PARENT = """\
+import ctypes, os, sys
+parent, signum, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(1, signum, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+    sys.exit("rlmq: prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
+if os.getppid() != parent:
+    sys.exit(0)
+os.execv(argv[0], argv)
+"""
+
+
+def _dies_with_us(argv: Sequence[str], signum: signal.Signals = signal.SIGTERM) -> list[str]:
+    """``argv`` wrapped so that it gets ``signum`` when the thread that starts it dies (with this
+    process, or alone): here always an event loop's thread, which outlives the services started
+    on its loop. SIGTERM by default, which every service here handles with a bounded, clean stop
+    (the pool stops its workers, which die with it in any case). Elsewhere than Linux: ``argv``."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    wrapper = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), str(int(signum))]
+    return wrapper + list(argv)
 
 
 @dataclass
@@ -61,10 +91,7 @@ async def _start(
     log_path = directory / f"{name}.log"
     with log_path.open("wb") as err:
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "rlmq",
-            *args,
+            *_dies_with_us([sys.executable, "-m", "rlmq", *args]),
             stdout=asyncio.subprocess.PIPE,
             stderr=err,
             start_new_session=True,  # our Ctrl-C goes to us; we stop the children in order
@@ -117,8 +144,12 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def state_url_of(config: str | os.PathLike[str]) -> str | None:
-    """The config's ``[state] url``, if it has one."""
+def state_url_of(config: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> str | None:
+    """The shared state url a handler started here would use: ``RLMQ_STATE_URL`` in ``environ``
+    (this process's environment, which the handlers inherit), else the config's ``[state] url``."""
+    override = (os.environ if environ is None else environ).get(STATE_URL_ENV)
+    if override:
+        return override
     try:
         with open(config, "rb") as f:
             data = tomllib.load(f)
@@ -149,18 +180,18 @@ async def _start_redis(directory: Path) -> tuple[_Child, str]:
     if binary is None:
         raise ServiceError(
             "several handlers share their state through Redis: set [state] url = "
-            '"redis://HOST:PORT/DB" in the config, or install redis-server (Debian: '
-            "apt-get install redis-server) and rlmq up starts a private one"
+            '"redis://HOST:PORT/DB" in the config (or RLMQ_STATE_URL), or install redis-server '
+            "(Debian: apt-get install redis-server) and rlmq up starts a private one"
         )
     log_path = directory / "redis.log"
     output = b""
     for _ in range(REDIS_ATTEMPTS):
         port = _free_loopback_port()
         # start_new_session: our Ctrl-C goes to us, and we stop redis last, after the handlers.
+        redis_args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        redis_args += ["--dir", str(directory), "--logfile", "", "--daemonize", "no"]
         process = await asyncio.create_subprocess_exec(
-            binary,
-            *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
-            *("--dir", str(directory), "--logfile", "", "--daemonize", "no"),
+            *_dies_with_us([binary, *redis_args]),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
@@ -186,38 +217,6 @@ async def _start_redis(directory: Path) -> tuple[_Child, str]:
             break
     tail = output.decode(errors="replace")[-2000:]
     raise ServiceError(f"redis-server failed to start:\n{tail}")
-
-
-_STATE_HEADER = re.compile(r"^[ \t]*\[[ \t]*state[ \t]*\][ \t]*(#.*)?$", re.M)
-
-
-def _config_with_state(config: Path, url: str) -> Path:
-    """A copy of ``config`` with ``[state] url`` set, beside it (its relative paths still hold);
-    the caller removes it."""
-    text = config.read_text()
-    header = _STATE_HEADER.search(text)
-    line = f'url = "{url}"  # a private redis-server started by rlmq up\n'
-    if header is not None:
-        text = text[: header.end()] + "\n" + line + text[header.end() :].removeprefix("\n")
-    else:
-        text = "state." + line + text  # a dotted key before any table: [state] url
-    try:
-        ok = tomllib.loads(text).get("state", {}).get("url") == url
-    except tomllib.TOMLDecodeError:
-        ok = False
-    if not ok:
-        raise ServiceError(
-            f'cannot add [state] url to {config}; set [state] url = "redis://HOST:PORT/DB" in it yourself'
-        )
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{config.stem}-up-", suffix=".toml", dir=config.parent)
-    except OSError as exc:
-        raise ServiceError(
-            f"cannot write a config beside {config} ({exc.strerror}); set [state] url in it yourself"
-        ) from None
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    return Path(name)
 
 
 def handler_binds(
@@ -256,7 +255,11 @@ _POOL_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_
 
 
 def _pool_env(environ: Mapping[str, str]) -> dict[str, str]:
-    kept = {k: v for k, v in environ.items() if k in _POOL_ENV or k.startswith("RLMQ_")}
+    kept = {
+        k: v
+        for k, v in environ.items()
+        if (k in _POOL_ENV or k.startswith("RLMQ_")) and k != STATE_URL_ENV  # it may hold a password
+    }
     kept["PYTHONUNBUFFERED"] = "1"
     return kept
 
@@ -273,8 +276,9 @@ async def local_services(
 ) -> AsyncIterator[LocalServices]:
     """Start ``handlers`` handlers and a pool given all their addresses (ipc:// in a private
     directory unless binds are given; ``handler_bind``: one address per handler, the missing ones
-    derived from the first). More than one handler shares the config's ``[state] url``, else a
-    private redis-server this starts and stops (``ServiceError`` when there is none)."""
+    derived from the first). More than one handler shares ``RLMQ_STATE_URL`` or the config's
+    ``[state] url``, else a private redis-server this starts and stops and passes to the handlers
+    as ``RLMQ_STATE_URL`` (``ServiceError`` when there is none)."""
     if handlers < 1:
         raise ServiceError(f"handlers must be at least 1, not {handlers}")
     own_dir = directory is None
@@ -283,8 +287,8 @@ async def local_services(
     given = [handler_bind] if isinstance(handler_bind, str) else list(handler_bind or ())
     binds = handler_binds(given, handlers, directory=base, taken=[sandbox_bind] if sandbox_bind else [])
     children: list[_Child] = []
-    handler_config = Path(config)
-    derived: Path | None = None
+    handler_env: dict[str, str] | None = None  # None: this process's environment, as it is
+    private_redis = False
     state_url: str | None = None
     try:
         if handlers > 1:
@@ -292,17 +296,19 @@ async def local_services(
             if state_url is None:
                 redis, state_url = await _start_redis(base)
                 children.append(redis)
-                derived = await asyncio.to_thread(_config_with_state, Path(config), state_url)
-                handler_config = derived
+                private_redis = True
+                # The handlers read it as their [state] url: the user's config stays as it is.
+                handler_env = {**os.environ, STATE_URL_ENV: state_url}
         started: list[_Child] = []
         for i, bind in enumerate(binds, start=1):
             child = await _start(
                 "handler" if handlers == 1 else f"handler-{i}",
                 # Private services serve only the runs this process opens (with keys): a call with
                 # no run, from code that found the socket, is refused (docs/security.md).
-                ["handler", "--config", str(handler_config), "--bind", bind, "--no-anonymous"],
+                ["handler", "--config", str(config), "--bind", bind, "--no-anonymous"],
                 "lmhandler ready on ",
                 base,
+                env=handler_env,
             )
             children.append(child)
             started.append(child)
@@ -315,15 +321,11 @@ async def local_services(
         # The pool needs no API key: it gets the environment without the handler's secrets.
         sandbox = await _start("sandbox", sandbox_args, "sandbox ready on ", base, env=_pool_env(os.environ))
         children.append(sandbox)
-        yield LocalServices(
-            front, sandbox.address, base, addresses, state_url, private_redis=derived is not None
-        )
+        yield LocalServices(front, sandbox.address, base, addresses, state_url, private_redis=private_redis)
     finally:
         # The pool first: its workers may still be talking to the handlers; Redis last.
         for child in reversed(children):
             await _stop(child)
-        if derived is not None:
-            derived.unlink(missing_ok=True)
         if own_dir:
             shutil.rmtree(base, ignore_errors=True)
 

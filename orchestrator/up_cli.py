@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
 
 from .errors import ServiceError
-from .local import LocalServices, local_services
+from .local import STATE_URL_ENV, LocalServices, local_services
 
 __all__ = ["add_arguments", "main"]
 
@@ -31,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="handler processes sharing one state (default: one per --handler-bind, else 1). With N > 1 "
-        "they share the config's [state] url, else a private redis-server (Debian's redis-server "
-        "package) on a random loopback port, without persistence, stopped with the rest",
+        "they share $RLMQ_STATE_URL or the config's [state] url, else a private redis-server (Debian's "
+        "redis-server package) on a random loopback port, without persistence, stopped with the rest "
+        "and given to the handlers as RLMQ_STATE_URL (the config is not changed)",
     )
     parser.add_argument(
         "--handler-bind",
@@ -57,7 +59,10 @@ def _announce(services: LocalServices) -> None:
     if several:
         for i, address in enumerate(services.handlers, start=1):
             print(f"rlmq up: handler {i} on {address}", flush=True)
-        kind = "a private redis-server, stopped with the rest" if services.private_redis else "[state] url"
+        if services.private_redis:
+            kind = "a private redis-server, stopped with the rest"
+        else:
+            kind = STATE_URL_ENV if os.environ.get(STATE_URL_ENV) else "[state] url"
         print(f"rlmq up: shared state on {services.state_url} ({kind})", flush=True)
     print(f"rlmq up: handler on {services.handler}, sandbox on {services.sandbox}", flush=True)
     print(

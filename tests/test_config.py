@@ -122,6 +122,22 @@ def test_the_environment_is_an_argument_never_read_behind_the_callers_back(
     assert load_config(path, env={"TEST_KEY": "sk-given"}).models["root"].api_key == "sk-given"
 
 
+def test_rlmq_state_url_overrides_the_files_state_url(tmp_path: Path) -> None:
+    plain = write(tmp_path, '[models.e]\nbackend = "echo"\n')
+    assert load_config(plain, env={}).state.url is None
+    given = {"RLMQ_STATE_URL": "redis://127.0.0.1:6390/1"}
+    assert load_config(plain, env=given).state.url == "redis://127.0.0.1:6390/1"
+    # The variable wins over the file's url and keeps the table's other settings.
+    table = '[models.e]\nbackend = "echo"\n[state]\nurl = "redis://db:6379/0"\nkey_prefix = "x:"\n'
+    with_url = load_config(write(tmp_path, table), env=given)
+    assert (with_url.state.url, with_url.state.key_prefix) == ("redis://127.0.0.1:6390/1", "x:")
+    assert load_config(write(tmp_path, table), env={"RLMQ_STATE_URL": ""}).state.url == "redis://db:6379/0"
+    with pytest.raises(
+        ConfigError, match=r"\$RLMQ_STATE_URL \(which overrides \[state\] url in .*\) 'http://x'"
+    ):
+        load_config(plain, env={"RLMQ_STATE_URL": "http://x"})
+
+
 def test_an_unset_key_variable_is_one_line_naming_the_variable_and_the_alias(tmp_path: Path) -> None:
     """Start does not refuse (the handler's other models may serve): the line is logged at
     start and the call fails on use (tests/test_handler_http.py)."""

@@ -1,6 +1,7 @@
 """`rlmq up --handlers N`: N handlers beside one state, a pool given all their addresses, and
-nothing left running after SIGINT or SIGTERM. Several handlers share a real redis-server: a
-private one `up` starts, or the config's [state] url."""
+nothing left running after SIGINT, SIGTERM or even SIGKILL. Several handlers share a real
+redis-server: a private one `up` starts (handed to them as RLMQ_STATE_URL), or the config's
+[state] url."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -18,14 +20,18 @@ from pathlib import Path
 import pytest
 import zmq.asyncio
 from conftest import requires
+from proctree import Procs, cmdline, descendants, kill, kill_tree, wait_gone
 
 from rlmq.orchestrator.errors import ServiceError
-from rlmq.orchestrator.local import _config_with_state, handler_binds, local_services, state_url_of
+from rlmq.orchestrator.local import handler_binds, local_services, state_url_of
 from rlmq.protocol import AsyncHandlerClient, CompleteReply, CompleteRequest, RunLimits, as_messages
 
 HAVE_REDIS = shutil.which("redis-server") is not None
 needs_redis = requires(HAVE_REDIS, "redis-server (Debian: apt-get install redis-server)")
 WAIT_S = 60.0  # every wait on a child process is bounded by this
+# Tests with processes: room for a few inner waits, so that they, not pytest-timeout, report a
+# hang (the fixture's cleanup runs either way).
+PROCESS_TEST_TIMEOUT_S = 5 * WAIT_S
 
 # The root model counts the lines mentioning "needle", one echo sub-call per hit (as tests/test_e2e.py).
 SCRIPT = [
@@ -49,23 +55,25 @@ def _config(tmp_path: Path, extra: str = "") -> Path:
     return config
 
 
-def _cmdlines() -> dict[int, str]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-    return found
+def _wait_for_tree(root: int, *, workers: int) -> Procs:
+    """Everything ``root`` started, once its pool's workers are among them. A bounded poll: the
+    pool announces itself before its workers are up, and nothing else says when they are."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        tree = descendants(root)
+        if sum("rlmq.sandbox.worker" in cmdline(pid) for pid in tree) >= workers:
+            return tree
+        assert time.monotonic() < deadline, f"no {workers} worker(s) below {root}: {_names(tree)}"
+        time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+def _names(procs: Procs) -> list[str]:
+    return [cmdline(pid)[:120] for pid in procs]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in items if b"=" in item)
 
 
 # ------------------------------------------------------------------ addresses and config, no processes
@@ -91,21 +99,14 @@ def test_handler_binds_one_per_handler(tmp_path: Path) -> None:
     assert handler_binds(["ipc:///a", "ipc:///b"], 2, directory=tmp_path) == ["ipc:///a", "ipc:///b"]
 
 
-def test_the_handlers_config_gains_the_state_url_beside_the_original(tmp_path: Path) -> None:
-    url = "redis://127.0.0.1:6390/0"
+def test_the_state_url_is_rlmq_state_url_else_the_configs(tmp_path: Path) -> None:
     plain = _config(tmp_path)
-    derived = _config_with_state(plain, url)
-    assert derived.parent == plain.parent  # relative paths (script.json) still resolve
-    assert state_url_of(derived) == url
-    assert state_url_of(plain) is None
-    with_table = tmp_path / "with-table.toml"
-    with_table.write_text('[models.sub]\nbackend = "echo"\n\n[state]  # shared\nkey_prefix = "x"\n')
-    assert state_url_of(_config_with_state(with_table, url)) == url
-    odd = tmp_path / "odd.toml"
-    # An inline table cannot gain a key.
-    odd.write_text('state = { key_prefix = "x" }\n[models.sub]\nbackend = "echo"\n')
-    with pytest.raises(ServiceError, match=r"set \[state\] url .* yourself"):
-        _config_with_state(odd, url)
+    assert state_url_of(plain, {}) is None
+    assert state_url_of(plain, {"RLMQ_STATE_URL": "redis://h:1/0"}) == "redis://h:1/0"
+    with_url = _config(tmp_path, '\n[state]\nurl = "redis://db:6379/0"\n')
+    assert state_url_of(with_url, {}) == "redis://db:6379/0"
+    assert state_url_of(with_url, {"RLMQ_STATE_URL": ""}) == "redis://db:6379/0"  # empty: unset
+    assert state_url_of(with_url, {"RLMQ_STATE_URL": "redis://h:1/0"}) == "redis://h:1/0"
 
 
 async def test_several_handlers_without_redis_is_a_clear_error(
@@ -133,7 +134,8 @@ class Up:
 
 @contextmanager
 def rlmq_up(tmp_path: Path, *args: str) -> Iterator[Up]:
-    """`rlmq up ARGS` until its summary line; SIGKILLed at the end if the test left it running."""
+    """`rlmq up ARGS` until its summary line. At the end, even when the test failed or timed
+    out, `up` and every process below it are SIGKILLed: nothing is left running."""
     stderr = (tmp_path / "up.err").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "rlmq", "up", *args],
@@ -158,24 +160,27 @@ def rlmq_up(tmp_path: Path, *args: str) -> Iterator[Up]:
         state = [line.split()[5] for line in lines if line.startswith("rlmq up: shared state on ")]
         yield Up(process, handlers[:-1], front, sandbox, state[0] if state else "", lines)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(WAIT_S)
+        left = kill_tree(process.pid) if process.poll() is None else {}
+        process.wait(WAIT_S)
         if process.stdout is not None:
             process.stdout.close()
         stderr.close()
+        assert not left, f"still running after SIGKILL: {_names(left)}"
 
 
-def _stop_and_check_clean(up: Up, sig: signal.Signals, needles: list[str]) -> None:
-    pids = [pid for pid, cmd in _cmdlines().items() if any(n in cmd for n in needles)]
-    assert pids
+def _stop_and_check_clean(up: Up, sig: signal.Signals) -> None:
+    started = descendants(up.process.pid)
+    assert started
     up.process.send_signal(sig)
     assert up.process.wait(WAIT_S) == 0
-    left = [pid for pid in pids if _alive(pid)]
-    assert not left, f"left running after {sig.name}: {[_cmdlines().get(p) for p in left]}"
+    left = wait_gone(started, WAIT_S)  # up waited for its children, not for their children
+    names = _names(left)
+    kill(left)
+    assert not left, f"left running after {sig.name}: {names}"
 
 
 @needs_redis
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT_S)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 async def test_up_with_two_handlers_and_a_private_redis(
     tmp_path: Path, sig: signal.Signals, actx: zmq.asyncio.Context
@@ -187,7 +192,6 @@ async def test_up_with_two_handlers_and_a_private_redis(
         assert up.front == ",".join(up.handlers)
         assert up.state_url.startswith("redis://127.0.0.1:")
         assert "(a private redis-server, stopped with the rest)" in up.lines[-2]
-        port = up.state_url.removeprefix("redis://127.0.0.1:").split("/")[0]
 
         # One state: a run opened on the first handler is served and counted on the second.
         one, two = up.handlers
@@ -242,9 +246,34 @@ async def test_up_with_two_handlers_and_a_private_redis(
         assert sum(served) == 2 + 3 + NEEDLES, served
         assert all(served), f"a handler served no call: {served}"
 
-        _stop_and_check_clean(up, sig, [str(tmp_path), f"127.0.0.1:{port}"])
-    assert not list(tmp_path.glob(".rlmq-up-*.toml"))  # the handlers' config is gone too
+        _stop_and_check_clean(up, sig)
+    assert sorted(p.name for p in tmp_path.glob("*.toml")) == ["rlmq.toml"]  # up wrote no config
     assert "stopping" in (tmp_path / "up.err").read_text()
+
+
+@needs_redis
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT_S)
+def test_sigkill_of_up_leaves_none_of_its_services_running(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    binds = ["--handler-bind", f"ipc://{tmp_path}/h.sock", "--sandbox-bind", f"ipc://{tmp_path}/s.sock"]
+    with rlmq_up(tmp_path, "--config", str(config), "--handlers", "2", *binds) as up:
+        started = _wait_for_tree(up.process.pid, workers=1)
+        names = _names(started)
+        handlers = [pid for pid in started if " -m rlmq handler " in cmdline(pid)]
+        (pool,) = [pid for pid in started if " -m rlmq sandbox " in cmdline(pid)]
+        assert len(handlers) == 2, names
+        assert any("redis-server" in name for name in names), names
+        # The private Redis reaches the handlers through their environment; the pool never sees it.
+        assert all(_environ(pid).get("RLMQ_STATE_URL") == up.state_url for pid in handlers)
+        assert "RLMQ_STATE_URL" not in _environ(pool)
+
+        up.process.kill()  # no chance to stop anything: the kernel has to
+        assert up.process.wait(WAIT_S) == -signal.SIGKILL
+        left = wait_gone(started, WAIT_S)
+        names = _names(left)
+        kill(left)  # a failure leaves nothing behind either
+        assert not left, f"left running after SIGKILL: {names}"
+    assert sorted(p.name for p in tmp_path.glob("*.toml")) == ["rlmq.toml"]  # up wrote no config
 
 
 @asynccontextmanager
@@ -260,6 +289,7 @@ async def redis_server(directory: Path) -> AsyncIterator[str]:
 
 
 @needs_redis
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT_S)
 async def test_the_configs_state_url_is_used_and_one_handler_is_as_before(tmp_path: Path) -> None:
     async with redis_server(tmp_path) as url:
         config = _config(tmp_path, f'\n[state]\nurl = "{url}"\n')
@@ -274,6 +304,7 @@ async def test_the_configs_state_url_is_used_and_one_handler_is_as_before(tmp_pa
         assert one.state_url is None
 
 
+@pytest.mark.timeout(PROCESS_TEST_TIMEOUT_S)
 def test_up_help_explains_handlers() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "rlmq", "up", "--help"], capture_output=True, text=True, timeout=WAIT_S
