@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", default="rlmq.toml", help="TOML file with [models.*] (default: %(default)s)"
+        "--config",
+        default="rlmq.toml",
+        help="TOML file with [models.*] and optionally [state] (default: %(default)s); "
+        "$RLMQ_STATE_URL, when set, overrides [state] url",
     )
     parser.add_argument(
         "--bind",

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import ServiceError
 from .local import STATE_URL_ENV, LocalServices, local_services
@@ -53,6 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _redacted(url: str | None) -> str:
+    """A Redis url fit for stdout: its password starred out."""
+    parts = urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
 def _announce(services: LocalServices) -> None:
     """Every address on stdout, the line with all of them last (scripts wait for it)."""
     several = len(services.handlers) > 1
@@ -63,7 +73,7 @@ def _announce(services: LocalServices) -> None:
             kind = "a private redis-server, stopped with the rest"
         else:
             kind = STATE_URL_ENV if os.environ.get(STATE_URL_ENV) else "[state] url"
-        print(f"rlmq up: shared state on {services.state_url} ({kind})", flush=True)
+        print(f"rlmq up: shared state on {_redacted(services.state_url)} ({kind})", flush=True)
     print(f"rlmq up: handler on {services.handler}, sandbox on {services.sandbox}", flush=True)
     print(
         f"  ask: rlmq run --handler {services.handler} --sandbox {services.sandbox} "
