@@ -3,7 +3,10 @@
 
 Both take one handler address or several, comma-separated (``"A,B,C"``): one DEALER per address
 (``front.py``), requests spread over the handlers that are up, and a request whose handler went
-away sent again, same id, to another one (or to the same address once it is back). Many
+away sent again, same id, to another one (or to the same address once it is back). A request
+no handler is up to take waits at most its own ``timeout_s`` (a complete's), else
+``PARKED_TIMEOUT_S``, and at most the call's deadline: then it fails with the typed, retryable
+``unavailable`` error (``RemoteError``), never a hang. Many
 requests are in flight at once and replies are matched to requests by ``id``. They share one
 core, ``_HandlerCalls``: how each request is built and how a reply becomes a result or an
 exception; only the waiting differs. Every wait has a timeout; an error reply is raised as
@@ -24,9 +27,10 @@ import zmq.asyncio
 
 from .codec import decode_reply, encode
 from .dealer import RequestIds, configure_socket, read_reply
-from .errors import DecodeError, RemoteError, TransportTimeout
+from .errors import DecodeError, ErrorCode, RemoteError, TransportTimeout
 from .front import (
     Front,
+    InFlight,
     Link,
     front_socket,
     monitor_event,
@@ -102,6 +106,16 @@ def _expect(reply: Reply, kind: type[R]) -> R:
 
 def _complete_wait(timeout_s: float | None) -> float | None:
     return None if timeout_s is None else timeout_s + TIMEOUT_MARGIN_S
+
+
+def _park_bound(front: Front[str], park_s: float | None, timeout: float) -> float:
+    """How long a request may wait with no handler up: its own bound, else the front's; never
+    past its deadline."""
+    return min(front.park_s if park_s is None else park_s, timeout)
+
+
+def _unavailable(front: Front[str], call: InFlight[str], now: float) -> RemoteError:
+    return RemoteError(ErrorCode.UNAVAILABLE, front.unavailable_message(call, now), retryable=True)
 
 
 class _HandlerCalls:
@@ -232,24 +246,37 @@ class AsyncHandlerClient(_HandlerCalls):
 
     async def _retry_parked(self) -> None:
         # A request parked because its handler's connection was not usable at the very moment it
-        # was sent (a handshake the socket has not caught up with) is tried again shortly.
+        # was sent (a handshake the socket has not caught up with) is tried again shortly; one
+        # that had no handler up for its whole bound fails `unavailable`.
+        front = self._front
         while True:
             await asyncio.sleep(_RETRY_PARKED_S)
-            self._front.flush()
+            front.flush()
+            now = time.monotonic()
+            for call in front.unreachable(now):
+                entry = self._pending.pop(call.key, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_exception(_unavailable(front, call, now))
 
-    async def request(self, req: Request, *, timeout_s: float | None = None) -> Reply:
-        """Send one request and wait for its reply; raises ``RemoteError`` on an error reply."""
+    async def request(
+        self, req: Request, *, timeout_s: float | None = None, park_s: float | None = None
+    ) -> Reply:
+        """Send one request and wait for its reply; raises ``RemoteError`` on an error reply
+        (``unavailable`` when no handler was up to take it for ``park_s``, by default the
+        front's ``PARKED_TIMEOUT_S``, or at its deadline)."""
         if self._closed:
             raise RuntimeError("client is closed")
         if not self._tasks:
             self._start()
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[req.id] = (future, req.OP)
-        self._front.send(req.id, (encode(req),))
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        call = self._front.send(req.id, (encode(req),), park_s=_park_bound(self._front, park_s, timeout))
         try:
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
+            if call.parked_at is not None:  # waiting for a handler to be up, not for a slow one
+                raise _unavailable(self._front, call, time.monotonic()) from None
             raise TransportTimeout(
                 f"no reply to {req.OP} {req.id} from {self.address} within {timeout:g} s"
             ) from None
@@ -270,7 +297,8 @@ class AsyncHandlerClient(_HandlerCalls):
         depth: int | None = None,
     ) -> CompleteReply:
         req = self._complete_request(prompt, model, max_tokens, temperature, timeout_s, run, depth)
-        return _expect(await self.request(req, timeout_s=_complete_wait(timeout_s)), CompleteReply)
+        reply = await self.request(req, timeout_s=_complete_wait(timeout_s), park_s=timeout_s)
+        return _expect(reply, CompleteReply)
 
     async def ping(self, *, timeout_s: float | None = None) -> PongReply:
         return _expect(await self.request(PingRequest(self.new_id()), timeout_s=timeout_s), PongReply)
@@ -399,21 +427,36 @@ class HandlerClient(_HandlerCalls):
         """The addresses of the handlers whose connection was up at the last call."""
         return [link.address for link in self._front.live()]
 
-    def request_many(self, reqs: Sequence[Request], *, timeout_s: float | None = None) -> list[Reply]:
-        """Send all, then collect replies in request order. Error replies are returned, not raised."""
+    def request_many(
+        self, reqs: Sequence[Request], *, timeout_s: float | None = None, park_s: float | None = None
+    ) -> list[Reply]:
+        """Send all, then collect replies in request order. Error replies are returned, not raised:
+        ``unavailable`` for a request no handler was up to take for ``park_s`` (by default the
+        front's ``PARKED_TIMEOUT_S``) or until the deadline."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         front = self._front
+        park = _park_bound(front, park_s, timeout)
         with self._lock:
             ops = self._ops = {r.id: r.OP for r in reqs}
             replies = self._replies = {}
             try:
                 self._poll(0)  # monitor events since the last call: who is up now
                 for r in reqs:
-                    front.send(r.id, (encode(r),))
+                    front.send(r.id, (encode(r),), park_s=park)
                 deadline = time.monotonic() + timeout
                 while len(replies) < len(ops):
-                    left_ms = int((deadline - time.monotonic()) * 1000)
+                    now = time.monotonic()
+                    if front.parked:
+                        self._give_up_parked(front.unreachable(now), now)
+                        if len(replies) == len(ops):
+                            break
+                    left_ms = int((deadline - now) * 1000)
                     if left_ms <= 0:
+                        # At the deadline a request still parked was never taken by a handler:
+                        # `unavailable`, as at its own bound; one taken and unanswered times out.
+                        self._give_up_parked(list(front.parked.values()), now)
+                        if len(replies) == len(ops):
+                            break
                         missing = len(ops) - len(replies)
                         raise TransportTimeout(
                             f"{missing} of {len(ops)} replies from {self.address} missing after {timeout:g} s"
@@ -425,6 +468,13 @@ class HandlerClient(_HandlerCalls):
                     front.done(rid)  # replied ones are gone already; the rest are given up
                 self._ops, self._replies = {}, {}
         return [replies[r.id] for r in reqs]
+
+    def _give_up_parked(self, calls: Sequence[InFlight[str]], now: float) -> None:
+        for call in calls:
+            self._front.done(call.key)
+            if call.key in self._ops:
+                message = self._front.unavailable_message(call, now)
+                self._replies[call.key] = ErrorReply(call.key, ErrorCode.UNAVAILABLE, message, True)
 
     def _poll(self, timeout_ms: int) -> bool:
         """Handle what is ready within ``timeout_ms``: replies, and monitor events into the
@@ -464,8 +514,8 @@ class HandlerClient(_HandlerCalls):
         self._drain(link, 1 << 30)
         reconnect(link, self._curve)
 
-    def request(self, req: Request, *, timeout_s: float | None = None) -> Reply:
-        return _raise_for(self.request_many([req], timeout_s=timeout_s)[0])
+    def request(self, req: Request, *, timeout_s: float | None = None, park_s: float | None = None) -> Reply:
+        return _raise_for(self.request_many([req], timeout_s=timeout_s, park_s=park_s)[0])
 
     def complete(
         self,
@@ -476,7 +526,9 @@ class HandlerClient(_HandlerCalls):
         timeout_s: float | None = None,
     ) -> CompleteReply:
         req = self._complete_request(prompt, model, max_tokens, None, timeout_s)
-        return _expect(self.request(req, timeout_s=_complete_wait(timeout_s)), CompleteReply)
+        return _expect(
+            self.request(req, timeout_s=_complete_wait(timeout_s), park_s=timeout_s), CompleteReply
+        )
 
     def complete_many(
         self,
@@ -488,7 +540,7 @@ class HandlerClient(_HandlerCalls):
     ) -> list[CompleteReply | ErrorReply]:
         reqs = [self._complete_request(p, model, max_tokens, None, timeout_s) for p in prompts]
         out: list[CompleteReply | ErrorReply] = []
-        for r in self.request_many(reqs, timeout_s=_complete_wait(timeout_s)):
+        for r in self.request_many(reqs, timeout_s=_complete_wait(timeout_s), park_s=timeout_s):
             out.append(r if isinstance(r, ErrorReply) else _expect(r, CompleteReply))
         return out
 

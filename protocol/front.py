@@ -19,9 +19,13 @@ Liveness comes from ZeroMQ, never from a call's timeout:
 only in how they wait): which requests are in flight on which handler, with their frames kept.
 When a handler goes down, its requests are sent again, same frames and same request id, to
 another handler that is up, or parked until one is (a lone handler restarted on its address).
-The handler's shared state remembers finished request ids, so a re-sent call that had finished
-is neither paid nor counted twice (docs/protocol.md, "Several handlers"). Each caller keeps its
-own deadline and drops its request from the front when that passes.
+A parked request waits at most its own bound (``park_s``: a complete's ``timeout_s``, else
+``PARKED_TIMEOUT_S``); past it ``unreachable()`` hands it back, and the caller answers it with the
+typed, retryable ``unavailable`` error, so a handler that never comes back costs a call, never
+the exec (and the session's variables) it was made from. The handler's shared state remembers
+finished request ids, so a re-sent call that had finished is neither paid nor counted twice
+(docs/protocol.md, "Several handlers"). Each caller keeps its own deadline and drops its request
+from the front when that passes.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .security import CurveClientKeys, connect
 __all__ = [
     "HEARTBEAT_IVL_MS",
     "HEARTBEAT_TIMEOUT_MS",
+    "PARKED_TIMEOUT_S",
     "Front",
     "InFlight",
     "Link",
@@ -60,6 +65,11 @@ HEARTBEAT_TTL_MS = 6_000
 # How often a handler that is down is tried again (ZeroMQ's default, made explicit).
 RECONNECT_IVL_MS = 100
 MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+# How long a request with no handler up to take it waits (unless it names its own timeout_s)
+# before it is answered `unavailable`: room for a handler to restart on its address, and well
+# below a sandbox exec's timeout (120 s by default), so the exec ends with a typed error in the
+# model's code instead of timing out and losing the session's variables.
+PARKED_TIMEOUT_S = 30.0
 
 K = TypeVar("K", bound=Hashable)
 Frames = Sequence[Any]  # bytes, memoryview or zmq.Frame: what send_multipart takes
@@ -141,14 +151,16 @@ class Link:
 class InFlight(Generic[K]):
     """A request the front has not seen answered: its frames, where it is, how often it went."""
 
-    __slots__ = ("frames", "key", "link", "sends", "since")
+    __slots__ = ("frames", "key", "link", "park_s", "parked_at", "sends", "since")
 
-    def __init__(self, key: K, frames: Frames, since: float) -> None:
+    def __init__(self, key: K, frames: Frames, since: float, park_s: float) -> None:
         self.key = key
         self.frames = frames
         self.link: Link | None = None
         self.sends = 0
         self.since = since
+        self.park_s = park_s  # the longest it may wait with no handler to take it
+        self.parked_at: float | None = None  # since when it has had none (monotonic)
 
 
 class Front(Generic[K]):
@@ -160,10 +172,14 @@ class Front(Generic[K]):
         links: Sequence[Link],
         transmit: Callable[[Link, Frames], bool],
         reset: Callable[[Link], None] | None = None,
+        *,
+        park_s: float = PARKED_TIMEOUT_S,
     ) -> None:
         """``reset(link)``, when a handler went down: read the replies it did send (they end with
-        ``done``), then drop what is still queued for it (``reconnect``)."""
+        ``done``), then drop what is still queued for it (``reconnect``). ``park_s``: how long a
+        request may wait with no handler up, unless ``send`` names its own bound."""
         self.links = list(links)
+        self.park_s = park_s
         self._transmit = transmit
         self._reset = reset
         self.calls: dict[K, InFlight[K]] = {}
@@ -173,10 +189,19 @@ class Front(Generic[K]):
     def live(self) -> list[Link]:
         return [link for link in self.links if link.up]
 
-    def send(self, key: K, frames: Frames) -> None:
-        call = InFlight(key, frames, time.monotonic())
+    @property
+    def address(self) -> str:
+        """The handlers' addresses, as one ``"A,B,C"`` string (for messages)."""
+        return ",".join(link.address for link in self.links)
+
+    def send(self, key: K, frames: Frames, *, park_s: float | None = None) -> InFlight[K]:
+        """Send (or park) a request; ``park_s`` bounds its wait with no handler up (default: the
+        front's ``park_s``). Its ``parked_at`` says, even once it is forgotten, whether it was
+        waiting for a handler rather than for a reply."""
+        call = InFlight(key, frames, time.monotonic(), self.park_s if park_s is None else park_s)
         self.calls[key] = call
         self._place(call)
+        return call
 
     def _place(self, call: InFlight[K]) -> None:
         tried: list[Link] = []
@@ -189,11 +214,14 @@ class Front(Generic[K]):
                     best = link
             if best is None:
                 call.link = None
+                if call.parked_at is None:  # a retry that parks it again keeps its first time
+                    call.parked_at = time.monotonic()
                 self.parked[call.key] = call
                 return
             if self._transmit(best, call.frames):
                 best.calls.add(call.key)
                 call.link = best
+                call.parked_at = None
                 call.sends += 1
                 return
             # No connection under it after all (it just went; its DISCONNECTED is on the way, or
@@ -242,6 +270,28 @@ class Front(Generic[K]):
         for key in old:
             self.done(key)
         return old
+
+    def unreachable(self, now: float) -> list[InFlight[K]]:
+        """The parked requests that waited their ``park_s`` (``now``: monotonic) with no handler
+        to take them, forgotten here: each caller answers its own with ``unavailable_message``."""
+        if not self.parked:
+            return []
+        out = [
+            call
+            for call in self.parked.values()
+            if call.parked_at is not None and now - call.parked_at >= call.park_s
+        ]
+        for call in out:
+            self.done(call.key)
+        return out
+
+    def unavailable_message(self, call: InFlight[K], now: float) -> str:
+        """What a request given up by ``unreachable`` is answered (code ``unavailable``)."""
+        waited = now - (call.parked_at if call.parked_at is not None else call.since)
+        return (
+            f"no handler reachable at {self.address} for {waited:.0f} s; the request was not answered "
+            "(retryable: once a handler is up again)"
+        )
 
     def close(self) -> None:
         for link in self.links:

@@ -23,6 +23,12 @@ Whatever the model's code puts in a request, the relay decides what goes on:
 - anything else (``run_open``, ``usage``, ...): refused with ``unauthorized``.
 - a routing id the pool did not give out: dropped.
 
+A request none of its session's handlers is up to take (the one handler died, or all of them) is
+kept and sent as soon as one is (a handler restarted on its address), but for at most its own
+``timeout_s``, else ``parked_timeout_s`` (``PARKED_TIMEOUT_S``, 30 s, well below the exec timeout):
+then the relay answers it ``unavailable`` (retryable), so ``llm_query`` raises in the model's code
+and the exec, and the session's variables, outlive a handler that does not come back.
+
 The handler echoes the envelope (the worker's routing id), so the relay sends each reply back to
 that worker as it came, and strikes the reply's id off that worker's requests in flight. The thread
 shares nothing with the event loop but ``Stamp`` objects, whose counters take a lock, and the
@@ -41,7 +47,16 @@ import zmq
 
 from rlmq.protocol import ErrorCode, ErrorReply, ProtocolError, pack, peek_id, unpack
 from rlmq.protocol.client import configure_socket
-from rlmq.protocol.front import Front, Link, front_socket, monitor_event, reconnect, send_now, split_addresses
+from rlmq.protocol.front import (
+    PARKED_TIMEOUT_S,
+    Front,
+    Link,
+    front_socket,
+    monitor_event,
+    reconnect,
+    send_now,
+    split_addresses,
+)
 from rlmq.protocol.security import CurveClientKeys
 
 from .recording import ExecRecording
@@ -132,9 +147,17 @@ class SubCallRelay:
         # routing id -> the worker's slot. Written by the event loop, read by the relay thread
         # (single dict operations).
         self._workers: dict[bytes, _Slot] = {}
+        # How long a request waits for a handler to be up (unless it names its own timeout_s)
+        # before it is answered `unavailable`. Read by the relay thread at each send.
+        self.parked_timeout_s = PARKED_TIMEOUT_S
         self.relayed = 0
         self.refused = 0
         self.dropped = 0
+        self.unreachable = 0  # requests answered `unavailable`: no handler up for their bound
+        # One front per upstream string ("A" or "A,B,C"): a DEALER and a monitor per handler, and
+        # the calls in flight with their frames, sent again, same id, when their handler goes.
+        # Made and used by the relay thread; others only read (``live``, ``resent``).
+        self._upstreams: dict[str, Front[tuple[bytes, str]]] = {}
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._control_address = f"inproc://relay-control-{id(self)}"
         self._ready = threading.Event()
@@ -157,6 +180,17 @@ class SubCallRelay:
         """The worker is gone: anything still arriving under its id is dropped, and its calls in
         flight no longer count (a session's next worker starts with none)."""
         self._workers.pop(ident, None)
+
+    @property
+    def resent(self) -> int:
+        """Sub-calls sent again because their handler went away (every upstream)."""
+        return sum(upstream.resent for upstream in list(self._upstreams.values()))
+
+    def live(self, upstream: str) -> list[str]:
+        """The handlers of ``upstream`` (``"A,B,C"``) whose connection is up now; none before the
+        first sub-call to it (connections are made on first use). A snapshot, for tools and tests."""
+        front = self._upstreams.get(upstream)
+        return [] if front is None else [link.address for link in list(front.links) if link.up]
 
     def start(self, timeout_s: float = 5.0) -> str:
         self._thread.start()
@@ -193,9 +227,6 @@ class SubCallRelay:
             control.close(linger=0)
             return
         self._front = front
-        # One front per upstream string ("A" or "A,B,C"): a DEALER and a monitor per handler, and
-        # the calls in flight with their frames, sent again, same id, when their handler goes.
-        self._upstreams: dict[str, Front[tuple[bytes, str]]] = {}
         # an upstream socket -> its front, its link, and whether it is the link's monitor
         self._links: dict[Any, tuple[Front[tuple[bytes, str]], Link, bool]] = {}
         self._poller = zmq.Poller()
@@ -233,6 +264,25 @@ class SubCallRelay:
                 for upstream in self._upstreams.values():
                     upstream.expire(now - LOST_AFTER_S)  # their workers struck them off already
                     upstream.flush()  # parked for want of a usable connection: try again
+                    for call in upstream.unreachable(now):
+                        try:
+                            self._unreachable(call.key, upstream.unavailable_message(call, now))
+                        except Exception:  # the loop boundary, as in _drain
+                            log.exception("the sub-call relay failed to answer a parked call")
+
+    def _unreachable(self, key: tuple[bytes, str], message: str) -> None:
+        """Answer a request no handler was up to take within its bound: ``unavailable``, as if from
+        the handler (recorded, struck off the worker's calls in flight)."""
+        ident, rid = key
+        self.unreachable += 1
+        reply = pack(ErrorReply(rid, ErrorCode.UNAVAILABLE, message, True).to_wire())
+        slot = self._workers.get(ident)
+        recording = slot.stamp.recording if slot is not None and slot.stamp is not None else None
+        if recording is not None:
+            recording.reply(reply)
+        if slot is not None:
+            slot.done(rid)
+        self._front.send_multipart([ident, reply], copy=False)
 
     def _upstream_reply(self, upstream: Front[tuple[bytes, str]], frames: list[zmq.Frame]) -> None:
         """A handler's reply: struck off its front's calls in flight and passed on, once. A second
@@ -258,9 +308,15 @@ class SubCallRelay:
                 log.exception("the sub-call relay failed on a message")
         reconnect(link, self.curve)
 
-    def _upstream_send(self, address: str, ident: bytes, rid: str, payload: bytes) -> None:
-        """Send a worker's request to one of ``address``'s handlers, keeping it until its reply."""
-        self._upstream(address).send((ident, rid), (ident, payload))
+    def _upstream_send(
+        self, address: str, ident: bytes, rid: str, payload: bytes, timeout_s: Any = None
+    ) -> None:
+        """Send a worker's request to one of ``address``'s handlers, keeping it until its reply.
+        ``timeout_s``: the request's own, which bounds its wait for a handler to be up."""
+        park_s = self.parked_timeout_s
+        if isinstance(timeout_s, int | float) and not isinstance(timeout_s, bool) and timeout_s > 0:
+            park_s = min(float(timeout_s), LOST_AFTER_S)  # the worker's value: capped
+        self._upstream(address).send((ident, rid), (ident, payload), park_s=park_s)
 
     @staticmethod
     def _drain(sock: zmq.Socket[Any], handle: Any) -> None:
@@ -384,7 +440,7 @@ class SubCallRelay:
         self.relayed += 1
         slot.pending[rid] = (time.monotonic() + LOST_AFTER_S, True)
         slot.calls += 1
-        self._upstream_send(upstream, ident, rid, pack(obj))
+        self._upstream_send(upstream, ident, rid, pack(obj), obj.get("timeout_s"))
 
     def _refuse(
         self, ident: bytes, rid: str | None, code: ErrorCode, message: str, *, retryable: bool = False

@@ -18,11 +18,19 @@ import zmq
 import zmq.asyncio
 from conftest import requires
 from redis_server import AVAILABLE as REDIS
-from redis_server import RedisServer
+from redis_server import RedisServer, free_port
 
 from rlmq.loadtest.spawn import SpawnedHandler, echo_config, spawn_handler
-from rlmq.protocol import AsyncHandlerClient, ConfigError, HandlerClient, RunLimits
-from rlmq.protocol.front import split_addresses
+from rlmq.protocol import (
+    AsyncHandlerClient,
+    ConfigError,
+    ErrorCode,
+    ErrorReply,
+    HandlerClient,
+    RemoteError,
+    RunLimits,
+)
+from rlmq.protocol.front import Front, Link, split_addresses
 from rlmq.protocol.sandbox import AsyncSandboxClient
 from rlmq.sandbox.testing import running_pool
 
@@ -219,3 +227,80 @@ async def test_three_handlers_on_one_redis_lose_no_call_and_pay_none_twice(
                 assert client.resent > 0
                 usage = await client.run_close("r3")
                 assert usage.calls == 60  # each call counted once, re-sent ones included
+
+
+# ---------------------------------------------------------------- no handler up: bounded waits
+
+
+def dead_address() -> str:
+    """A loopback port nothing listens on: its connection never comes up."""
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def test_a_parked_request_is_handed_back_after_its_bound() -> None:
+    down = [Link("tcp://a:1", object(), object()), Link("tcp://b:2", object(), object())]
+    front: Front[str] = Front(down, lambda link, frames: True, park_s=30.0)
+    front.send("default", (b"x",))
+    front.send("own", (b"y",), park_s=2.0)
+    assert set(front.parked) == {"default", "own"}
+    call = front.parked["own"]
+    assert call.parked_at is not None
+    start = call.parked_at
+    front.flush()  # nothing up: parked again, its wait still counted from the first time
+    assert front.parked["own"].parked_at == start
+    assert front.unreachable(start + 1.0) == []
+    gone = front.unreachable(start + 2.0)
+    assert [c.key for c in gone] == ["own"]
+    assert "own" not in front.calls
+    assert "own" not in front.parked
+    message = front.unavailable_message(gone[0], start + 2.0)
+    assert message.startswith("no handler reachable at tcp://a:1,tcp://b:2 for 2 s")
+    assert [c.key for c in front.unreachable(start + 30.0)] == ["default"]
+    # A request a handler takes is no longer parked: its bound no longer runs.
+    down[0].up = True
+    front.send("sent", (b"z",), park_s=0.0)
+    assert front.calls["sent"].parked_at is None
+    assert front.unreachable(start + 1000.0) == []
+
+
+async def test_the_async_client_fails_unavailable_when_no_handler_is_up(actx: zmq.asyncio.Context) -> None:
+    address = dead_address()
+    async with AsyncHandlerClient(address, context=actx, timeout_s=BOUND_S) as client:
+        # The complete's own timeout_s bounds its wait for a handler.
+        with pytest.raises(RemoteError) as info:
+            await client.complete("q", model="echo", timeout_s=1.0)
+        assert (info.value.code, info.value.retryable) == (ErrorCode.UNAVAILABLE, True)
+        assert f"no handler reachable at {address}" in info.value.message
+        # Any request, at its deadline: unavailable, not a transport timeout.
+        with pytest.raises(RemoteError) as info:
+            await client.ping(timeout_s=1.0)
+        assert info.value.code == ErrorCode.UNAVAILABLE
+        assert not client._front.calls
+
+
+async def test_a_parked_call_goes_when_its_handler_comes_up_in_time(actx: zmq.asyncio.Context) -> None:
+    address = dead_address()
+    async with AsyncHandlerClient(address, context=actx, timeout_s=BOUND_S) as client:
+        call = asyncio.ensure_future(client.complete("late", model="echo", timeout_s=BOUND_S))
+        await wait_until(lambda: asyncio.sleep(0, bool(client._front.parked)), "the call parked")
+        started = await asyncio.to_thread(spawn_handler, echo_config(0), env=os.environ, bind=address)
+        try:
+            reply = await asyncio.wait_for(call, BOUND_S)
+            assert reply.text == "late"
+        finally:
+            started.stop(5.0)
+
+
+def test_the_blocking_client_answers_parked_calls_unavailable(zctx: zmq.Context[Any]) -> None:
+    address = dead_address()
+    with HandlerClient(f"{address},{dead_address()}", context=zctx, timeout_s=BOUND_S) as client:
+        replies = client.complete_many(["a", "b", "c"], model="echo", timeout_s=1.0)
+        assert [type(r).__name__ for r in replies] == ["ErrorReply"] * 3
+        assert {(r.code, r.retryable) for r in replies if isinstance(r, ErrorReply)} == {
+            (ErrorCode.UNAVAILABLE, True)
+        }
+        with pytest.raises(RemoteError) as info:
+            client.ping(timeout_s=1.0)
+        assert info.value.code == ErrorCode.UNAVAILABLE
+        assert "no handler reachable at" in info.value.message
+        assert not client._front.calls
