@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -218,23 +220,68 @@ async def test_what_the_client_sends_carries_a_trace_only_while_tracing_is_on(
         assert exporter.get_finished_spans() == ()
 
 
-def test_an_otlp_endpoint_needs_the_otel_extra_or_works() -> None:
+async def test_spans_are_exported_over_otlp_http_to_a_collector() -> None:
+    """--otlp-endpoint for real: the SDK's OTLP/HTTP exporter posts protobuf to a collector (a
+    local aiohttp server here), which decodes it with OpenTelemetry's own protobuf messages."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[ExportTraceServiceRequest] = []
+    got = asyncio.Event()
+
+    async def traces(request: web.Request) -> web.Response:
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(await request.read())
+        received.append(message)
+        got.set()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
-    except ImportError:
-        have_exporter = False
-    else:
-        have_exporter = True
-    try:
-        if have_exporter:
-            tracing.configure(service="rlmq-test", endpoint="http://127.0.0.1:4318")
-            assert tracing.enabled()
-        else:
-            with pytest.raises(ConfigError, match=re.escape("pip install 'rlmq[otel]'")):
-                tracing.configure(service="rlmq-test", endpoint="http://127.0.0.1:4318")
-            assert not tracing.enabled()
+        tracing.configure(service="rlmq-otlp-test", endpoint=f"http://127.0.0.1:{port}")
+        with tracing.span("rlmq.run", attributes={"rlmq.run": "r1"}), tracing.span("rlmq.iteration"):
+            pass
+        # shutdown() flushes the batch processor; it blocks on the HTTP post, so off the loop.
+        await asyncio.get_running_loop().run_in_executor(None, tracing.shutdown)
+        await asyncio.wait_for(got.wait(), 30)
     finally:
         tracing.shutdown()
+        await runner.cleanup()
+    spans = [
+        (span.name, scope_spans.scope.name, resource.resource)
+        for message in received
+        for resource in message.resource_spans
+        for scope_spans in resource.scope_spans
+        for span in scope_spans.spans
+    ]
+    assert sorted(name for name, _, _ in spans) == ["rlmq.iteration", "rlmq.run"]
+    services = {
+        attr.value.string_value
+        for _, _, resource in spans
+        for attr in resource.attributes
+        if attr.key == "service.name"
+    }
+    assert services == {"rlmq-otlp-test"}
+
+
+def test_an_otlp_endpoint_without_the_otel_extra_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = importlib.import_module
+
+    def without_exporter(name: str, package: str | None = None) -> Any:
+        if name.startswith("opentelemetry.exporter"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, package)
+
+    monkeypatch.setattr(tracing.importlib, "import_module", without_exporter)
+    with pytest.raises(ConfigError, match=re.escape("pip install 'rlmq[otel]'")):
+        tracing.configure(service="rlmq-test", endpoint="http://127.0.0.1:9")
+    assert not tracing.enabled()
 
 
 def test_configure_refuses_what_cannot_work() -> None:
