@@ -313,7 +313,14 @@ async def test_forced_malformed_reset_timeout(fp: FakeProvider, client: httpx.As
         await client.post("/v1/messages", json=anthropic_body(), headers=ANTHROPIC_HEADERS)
     # The stall outlasts any client: this one gives up after its own timeout.
     with pytest.raises(httpx.ReadTimeout):
-        await client.post("/v1/chat/completions", json=openai_body(), headers=OPENAI_HEADERS, timeout=0.2)
+        # Only the read is short: after the reset the client connects afresh, and a connection
+        # slower than 0.2 s on a loaded machine would be a ConnectTimeout, not the stall.
+        await client.post(
+            "/v1/chat/completions",
+            json=openai_body(),
+            headers=OPENAI_HEADERS,
+            timeout=httpx.Timeout(10.0, read=0.2),
+        )
     assert fp.counters.by_status == {"200": 1, "reset": 1, "timeout": 1}
 
 
