@@ -10,6 +10,7 @@ import os
 import signal
 
 from rlmq.protocol import tracing
+from rlmq.protocol.hostport import bind_error
 from rlmq.protocol.security import CurveError, server_keys_from_env
 
 from .config import ConfigError, load_config
@@ -89,21 +90,8 @@ async def _serve(handler: Handler, metrics_bind: str | None = None) -> None:
         await handler.stop()
 
 
-def _check_metrics_bind(text: str | None) -> str | None:
-    """The error of a bad ``--metrics-bind``, found before anything is bound or logged as listening."""
-    if text is None:
-        return None
-    from rlmq.protocol.metrics import parse_bind  # prometheus-client and aiohttp only when asked for
-
-    try:
-        parse_bind(text)
-    except ConfigError as exc:
-        return exc.message
-    return None
-
-
 def main(args: argparse.Namespace) -> int:
-    bad_bind = _check_metrics_bind(args.metrics_bind)
+    bad_bind = bind_error(args.metrics_bind)
     if bad_bind is not None:
         log.error("%s", bad_bind)
         return 2

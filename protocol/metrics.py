@@ -20,20 +20,9 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .errors import ConfigError
+from .hostport import parse_bind
 
 __all__ = ["MetricsServer", "histogram", "parse_bind"]
-
-
-def parse_bind(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:9100`` for IPv6; port 0 picks a free one) as (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(
-            f"--metrics-bind takes HOST:PORT, such as 127.0.0.1:9100 (port 0: any free), not {text!r}"
-        )
-    return host, int(port)
 
 
 def histogram(

@@ -9,6 +9,7 @@ import os
 import signal
 
 from rlmq.protocol import RlmqError, tracing
+from rlmq.protocol.hostport import bind_error
 from rlmq.protocol.security import CurveError, client_keys_from_env, server_keys_from_env
 
 from .config import ConfigError, build_config, load_table
@@ -94,21 +95,8 @@ async def _serve(pool: Pool, metrics_bind: str | None = None) -> None:
         await pool.stop()
 
 
-def _check_metrics_bind(text: str | None) -> str | None:
-    """The error of a bad ``--metrics-bind``, found before the pool binds or starts a worker."""
-    if text is None:
-        return None
-    from rlmq.protocol.metrics import parse_bind  # prometheus-client and aiohttp only when asked for
-
-    try:
-        parse_bind(text)
-    except ConfigError as exc:
-        return exc.message
-    return None
-
-
 def main(args: argparse.Namespace) -> int:
-    bad_bind = _check_metrics_bind(args.metrics_bind)
+    bad_bind = bind_error(args.metrics_bind)
     if bad_bind is not None:
         log.error("%s", bad_bind)
         return 2
