@@ -171,6 +171,7 @@ async def _demo(args: argparse.Namespace, out: Path) -> int:
     )
     print(f"trajectory: {trajectory_path}")
     print(f"document:   {doc_path}")
+    print(f"see it:     rlmq view {trajectory_path}")
     print(f"replay it:  rlmq replay {trajectory_path} --config {config}")
     print(
         "\nWith a real model: put [models.root] and [models.sub] in rlmq.toml (see README), then\n"
