@@ -66,21 +66,31 @@ class ResponseCache:
         """The future of an identical request already in flight, if any."""
         return self._in_flight.get(key)
 
-    def begin(self, key: bytes) -> asyncio.Future[Completion]:
+    def begin(self, key: bytes) -> asyncio.Future[Completion] | None:
+        """Lead the flight of ``key``: the future identical requests wait on, or None when another
+        call already leads one (this call then goes on alone: it waited on something first, an
+        earlier leader or the shared state, and a flight must never change hands, or the
+        waiters of the first leader would wait on a future nobody resolves)."""
         self.misses += 1
+        if key in self._in_flight:
+            return None
         future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         return future
 
-    def end(self, key: bytes, result: Completion | None) -> None:
-        """Finish a call begun with ``begin``: store and share its result, or let waiters retry."""
-        future = self._in_flight.pop(key, None)
+    def end(self, key: bytes, result: Completion | None, future: asyncio.Future[Completion] | None) -> None:
+        """Finish a call: store its result, and, if it led the flight (``future`` from ``begin``),
+        share the result with the waiters or, on failure, let them retry."""
         if result is not None and self.store is None:
             self._entries[key] = result
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
-        if future is not None and not future.done():
+        if future is None:
+            return
+        if self._in_flight.get(key) is future:
+            del self._in_flight[key]
+        if not future.done():
             if result is not None:
                 future.set_result(result)
             else:

@@ -56,6 +56,7 @@ from .errors import (
 from .pacing import TokenBucket
 from .shaping import AdaptiveLimit, CircuitBreaker, CircuitOpen, RetryBudget
 from .state import Admission, MemoryState, Pacer, State
+from .state.base import encode_replayed
 from .stats import ModelStats, ServerStats, trace_complete
 
 __all__ = ["Model", "Pipeline", "too_large_message"]
@@ -152,7 +153,19 @@ class Model:
 class _Call:
     """One ``complete`` on its way through the pipeline."""
 
-    __slots__ = ("booked", "deadline", "envelope", "model", "req", "run", "shared", "slot", "started", "task")
+    __slots__ = (
+        "booked",
+        "deadline",
+        "envelope",
+        "flying",
+        "model",
+        "req",
+        "run",
+        "shared",
+        "slot",
+        "started",
+        "task",
+    )
 
     def __init__(self, envelope: list[Any], req: CompleteRequest, model: Model, booked: Run | None) -> None:
         self.envelope = envelope
@@ -165,6 +178,8 @@ class _Call:
         self.deadline: float | None = None  # set while the call is relayed (retries included)
         self.slot: int | None = None  # its place in the deadline wheel, once a task runs it
         self.shared = False  # reserved in its run in the shared state, which must be told how it ended
+        # Its (run, request id) in the pipeline's table of calls in flight, while it is listed there.
+        self.flying: tuple[str, str] | None = None
 
 
 @types.coroutine
@@ -220,7 +235,10 @@ class Pipeline:
         # state through its async interface, one round trip at admission and one at the end.
         self._shared = None if state.local else state
         self._replays = state.replays if isinstance(state, MemoryState) else None
-        self.replayed = 0  # re-sent requests answered with the reply of their finished call
+        self.replayed = 0  # re-sent requests answered with the reply of their call (finished or joined)
+        # In-process: the calls with a run that wait (a task runs them) by (run, request id), with
+        # the envelopes of re-sends of that id that joined them; the outcome goes to those too.
+        self._flying: dict[tuple[str, str], tuple[_Call, list[list[Any]]]] = {}
         self.late_settlements = 0  # settlements that failed at first and went through on a retry
         self.stats = stats
         self._loop = loop
@@ -234,6 +252,7 @@ class Pipeline:
 
     def close(self) -> None:
         self.deadlines.close()
+        self._flying.clear()  # a task cancelled before its first step never ran to remove its entry
 
     # ------------------------------------------------------------ driving
 
@@ -261,6 +280,12 @@ class Pipeline:
                         self.replayed += 1
                         self._reply(envelope, kept)
                         return
+                # Re-sent while its call still runs here (the caller lost its connection and came
+                # back): it joins that call, which answers it too. Counted once, paid once.
+                flying = self._flying.get((req.run, req.id))
+                if flying is not None and flying[0].req.model == req.model:
+                    flying[1].append(envelope)
+                    return
         elif not self.allow_anonymous:
             self._fail(envelope, req.id, AnonymousRefused(_ANONYMOUS_OFF))
             return
@@ -272,6 +297,8 @@ class Pipeline:
         call = _Call(envelope, req, model, booked)
         coro = self._complete(call)
         if not model.inline:
+            if booked is not None:
+                self._fly(call, booked.id)
             self._track(call, self._loop.create_task(coro))
             return
         try:
@@ -279,10 +306,37 @@ class Pipeline:
         except StopIteration:
             return  # answered without waiting: no task, no timer
         # It waits after all: a task carries it on from where it stopped, under its deadline.
+        # Only now is it listed in flight: a call answered at once cannot be re-sent meanwhile.
+        if booked is not None:
+            self._fly(call, booked.id)
         task = self._loop.create_task(_resume(coro, waiting_on))
         self._track(call, task)
         if call.deadline is not None:
             call.slot = self.deadlines.add(task, call.deadline)
+
+    def _fly(self, call: _Call, run: str) -> None:
+        """List a call with a run as in flight, so that a re-send of its id joins it."""
+        key = (run, call.req.id)
+        if key not in self._flying:  # else that id is in flight for another model: not a re-send
+            self._flying[key] = (call, [])
+            call.flying = key
+
+    def _land(self, call: _Call, payload: Payload | None, exc: HandlerError | None) -> None:
+        """Take a call off the in-flight table; its outcome goes to the re-sends that joined it,
+        a success as a kept reply (``replayed``), an error as it is."""
+        assert call.flying is not None
+        _, joined = self._flying.pop(call.flying)
+        call.flying = None
+        if not joined:
+            return
+        if payload is not None:
+            again = encode_replayed(payload)  # before the caller's reply: its buffer is read here
+            for envelope in joined:
+                self.replayed += 1
+                self._reply(envelope, again)
+        elif exc is not None:
+            for envelope in joined:
+                self._fail(envelope, call.req.id, exc)
 
     def _track(self, call: _Call, task: asyncio.Task[None]) -> None:
         call.task = task
@@ -307,6 +361,8 @@ class Pipeline:
             else:
                 payload = await self._through_cache(call, model.cache)
             mstats.ok += 1
+            if call.flying is not None:
+                self._land(call, payload, None)
             self._reply(call.envelope, payload)
         except HandlerError as exc:
             self._failed(call, exc)
@@ -318,6 +374,9 @@ class Pipeline:
         finally:
             mstats.in_flight -= 1
             self.stats.in_flight -= 1
+            if call.flying is not None:  # ended by neither a reply nor an error (closed unfinished)
+                self._flying.pop(call.flying, None)
+                call.flying = None
 
     def _failed(self, call: _Call, exc: HandlerError) -> None:
         if call.run is not None:  # admitted: the run counts it as a failed call
@@ -329,6 +388,8 @@ class Pipeline:
         call.model.stats.errors[exc.code] += 1
         if tracing.enabled():
             trace_complete(call.req, call.started, error=exc.code)
+        if call.flying is not None:
+            self._land(call, None, exc)
         self._fail(call.envelope, call.req.id, exc)
 
     async def _through_cache(self, call: _Call, cache: ResponseCache) -> Payload:
@@ -354,12 +415,12 @@ class Pipeline:
         key as pending so identical calls wait for this one. Admission and accounting are plain
         functions: each coroutine layer costs a call stepped inline about half a microsecond."""
         backend_req = self._admit(call)
-        cache.begin(key)
+        flight = cache.begin(key)
         completion: Completion | None = None
         try:
             completion, retries = await self._attempts(call, backend_req)
         finally:
-            cache.end(key, completion)
+            cache.end(key, completion, flight)
         return self._account(call, completion, retries)
 
     def _admit(self, call: _Call, admitted: Admission | None = None) -> BackendRequest:
@@ -437,13 +498,14 @@ class Pipeline:
             call.shared = True
         backend_req = self._admit(call, admitted)
         completion: Completion | None = None
-        if cache is not None:
-            cache.begin(key)
+        # Begun only now, after the awaits of admission: None if an identical call took the
+        # lead meanwhile (this one goes on alone rather than taking the flight over).
+        flight = cache.begin(key) if cache is not None else None
         try:
             completion, retries = await self._attempts(call, backend_req)
         finally:
             if cache is not None:
-                cache.end(key, completion)
+                cache.end(key, completion, flight)
                 if completion is not None and cache.store is not None:
                     self._spawn(cache.store.put(key, completion), "storing a cached response")
         payload = self._account(call, completion, retries)

@@ -58,16 +58,21 @@ class Recorder(Backend):
 class Held(Backend):
     """Claims to answer at once (or not) but waits for ``gate``: a call held in flight."""
 
-    def __init__(self, *, at_once: bool) -> None:
+    def __init__(self, *, at_once: bool, error: BackendError | None = None) -> None:
         self.at_once = at_once
         self.gate = asyncio.Event()
+        self.error = error  # raised once the gate opens, instead of answering
+        self.calls: list[str | None] = []  # the run of each call the backend saw
 
     @property
     def answers_at_once(self) -> bool:
         return self.at_once
 
     async def complete(self, request: BackendRequest) -> Completion:
+        self.calls.append(request.run)
         await self.gate.wait()
+        if self.error is not None:
+            raise self.error
         return Completion("late", "held", Usage(1, 1))
 
 
@@ -83,6 +88,8 @@ class Harness:
         self.stats = ServerStats()
         self.replies: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, RlmqError] = {}
+        # Every outcome in order, with the connection (envelope) it was sent to.
+        self.outcomes: list[tuple[bytes, dict[str, Any] | RlmqError]] = []
         self.slept: list[float] = []
         self.pipeline = Pipeline(
             self.config,
@@ -90,23 +97,29 @@ class Harness:
             self.runs,
             self.stats,
             loop=asyncio.get_running_loop(),
-            reply=lambda _env, payload: self._replied(bytes(payload)),
-            fail=lambda _env, rid, exc: self.errors.__setitem__(rid, exc),
+            reply=lambda env, payload: self._replied(env, bytes(payload)),
+            fail=self._failed,
             sleep=self._sleep,
         )
         if isinstance(backend, Recorder):
             backend.pipeline = self.pipeline
 
-    def _replied(self, payload: bytes) -> None:
+    def _replied(self, envelope: list[Any], payload: bytes) -> None:
         reply = unpack(payload)
         self.replies[reply["id"]] = reply
+        self.outcomes.append((envelope[0], reply))
+
+    def _failed(self, envelope: list[Any], rid: str, exc: RlmqError) -> None:
+        self.errors[rid] = exc
+        self.outcomes.append((envelope[0], exc))
 
     async def _sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
 
-    def submit(self, rid: str, *, run: str | None = None, model: str = "m") -> None:
+    def submit(self, rid: str, *, run: str | None = None, model: str = "m", via: bytes = b"client") -> None:
+        """Send a request as the connection ``via`` (a re-send after a reconnect comes on another)."""
         req = CompleteRequest(rid, model, (ChatMessage("user", rid),), run=run)
-        self.pipeline.submit([b"client"], req)
+        self.pipeline.submit([via], req)
 
     async def settle(self) -> None:
         """Wait for every call that became a task."""
@@ -240,3 +253,113 @@ async def test_unknown_model_is_refused_at_admission() -> None:
     assert h.errors["x"].code == ErrorCode.UNKNOWN_MODEL
     assert "m" in h.errors["x"].message
     assert h.model.stats.requests == 0
+
+
+# ---------------------------------------------------------------- re-sends while the call runs
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_re_send_while_the_call_runs_joins_it_counted_and_paid_once(path: str) -> None:
+    backend = Held(at_once=path == "inline")
+    h = Harness(backend)
+    h.runs.open_run("r", RunLimits(max_calls=5))
+    h.submit("q", run="r", via=b"old")
+    # The caller lost its connection and sends the same id again on a new one, same handler.
+    h.submit("q", run="r", via=b"new")
+    await until(lambda: len(backend.calls) == 1)
+    assert h.outcomes == []
+    backend.gate.set()
+    await h.settle()
+    assert backend.calls == ["r"]  # one backend call
+    run = h.runs.get("r")
+    assert (run.calls, run.in_flight, run.failed_calls) == (1, 0, 0)
+    assert (run.input_tokens, run.output_tokens) == (1, 1)
+    got = dict(h.outcomes)
+    assert set(got) == {b"old", b"new"}
+    old, new = got[b"old"], got[b"new"]
+    assert isinstance(old, dict)
+    assert isinstance(new, dict)
+    assert (old["id"], old["text"], old.get("replayed", False)) == ("q", "late", False)
+    assert (new["id"], new["text"], new["replayed"]) == ("q", "late", True)
+    # The same answer, word for word (usage and cost as charged once, like any kept reply).
+    assert {k: v for k, v in new.items() if k != "replayed"} == old
+    assert h.pipeline.replayed == 1
+    assert (h.model.stats.requests, h.model.stats.ok, h.model.stats.sent) == (1, 1, 1)
+    assert not h.pipeline._flying  # the entry went with the call
+    # Later still, the kept reply (finished calls, as before), never a second call.
+    h.submit("q", run="r", via=b"later")
+    await h.settle()
+    later = h.outcomes[-1]
+    assert later[0] == b"later"
+    assert isinstance(later[1], dict)
+    assert later[1]["replayed"] is True
+    assert backend.calls == ["r"]
+    assert h.runs.get("r").calls == 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_the_error_of_a_joined_call_reaches_every_connection(path: str) -> None:
+    refused = BackendError(ErrorCode.UNAUTHORIZED, "bad key", retryable=False, status=401)
+    backend = Held(at_once=path == "inline", error=refused)
+    h = Harness(backend)
+    h.runs.open_run("r", RunLimits())
+    h.submit("q", run="r", via=b"old")
+    h.submit("q", run="r", via=b"new")
+    h.submit("q", run="r", via=b"newer")
+    backend.gate.set()
+    await h.settle()
+    assert backend.calls == ["r"]
+    assert [via for via, _ in h.outcomes] == [b"new", b"newer", b"old"]
+    assert all(isinstance(e, RlmqError) and e.code == ErrorCode.UNAUTHORIZED for _, e in h.outcomes)
+    run = h.runs.get("r")
+    assert (run.calls, run.failed_calls, run.in_flight) == (1, 1, 0)
+    assert h.pipeline.replayed == 0
+    # A failed call keeps no reply and leaves no entry: sending the id again is a new call.
+    backend.error = None
+    h.submit("q", run="r", via=b"again")
+    await h.settle()
+    assert backend.calls == ["r", "r"]
+    assert h.outcomes[-1][0] == b"again"
+    assert isinstance(h.outcomes[-1][1], dict)
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_the_same_id_in_different_runs_is_two_calls(path: str) -> None:
+    backend = Held(at_once=path == "inline")
+    h = Harness(backend)
+    h.runs.open_run("r1", RunLimits())
+    h.runs.open_run("r2", RunLimits())
+    h.submit("q", run="r1", via=b"one")
+    h.submit("q", run="r2", via=b"two")
+    h.submit("q", via=b"anonymous")  # no run: never joined, never listed
+    await until(lambda: len(backend.calls) == 3)
+    backend.gate.set()
+    await h.settle()
+    assert sorted(map(str, backend.calls)) == ["None", "r1", "r2"]
+    assert h.runs.get("r1").calls == 1
+    assert h.runs.get("r2").calls == 1
+    assert {via for via, _ in h.outcomes} == {b"one", b"two", b"anonymous"}
+    assert all(isinstance(r, dict) and not r.get("replayed") for _, r in h.outcomes)
+    assert h.pipeline.replayed == 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_joined_call_cancelled_at_shutdown_answers_both(path: str) -> None:
+    backend = Held(at_once=path == "inline")
+    h = Harness(backend)
+    h.runs.open_run("r", RunLimits())
+    h.submit("q", run="r", via=b"old")
+    h.submit("q", run="r", via=b"new")
+    await until(lambda: len(backend.calls) == 1)
+    # One loop turn more, so that the task carrying the call has taken its first step (the
+    # server's stop waits out a grace period first): cancelled before that, it never ran at all.
+    await asyncio.sleep(0)
+    for task in h.pipeline.tasks:
+        task.cancel()
+    await h.settle()
+    assert {via for via, _ in h.outcomes} == {b"old", b"new"}
+    for _, e in h.outcomes:
+        assert isinstance(e, RlmqError)
+        assert (e.code, e.retryable) == (ErrorCode.UNAVAILABLE, True)
+    assert h.runs.get("r").calls == 1
+    assert not h.pipeline._flying

@@ -409,3 +409,99 @@ async def test_a_settlement_that_failed_is_retried_until_the_call_is_counted() -
     assert usage.usage.input_tokens > 0
     assert pipeline.late_settlements == 1
     assert waits == [0.25, 0.5, 1.0]  # backoff between the three failed tries and the good one
+
+
+class _GatedAdmission(MemoryState):
+    """Shared-looking state whose admissions wait for the test to let each one through, so
+    identical calls can be interleaved around the awaits of the shared path."""
+
+    local = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def cache(self, alias: str, entries: int) -> _DictStore:
+        return _DictStore()
+
+    async def admit(self, run: str, key: str | None, rid: str, model: str, max_tokens: int, timeout_s: float):  # type: ignore[no-untyped-def]
+        await self.gates.setdefault(rid, asyncio.Event()).wait()
+        return await super().admit(run, key, rid, model, max_tokens, timeout_s)
+
+
+def _keep(replies: dict[str, dict[str, object]], reply: dict[str, object]) -> None:
+    replies[str(reply["id"])] = reply
+
+
+class _DictStore:
+    def __init__(self) -> None:
+        self.entries: dict[bytes, object] = {}
+
+    async def get(self, key: bytes) -> object:
+        return self.entries.get(key)
+
+    async def put(self, key: bytes, completion: object) -> None:
+        self.entries[key] = completion
+
+
+async def test_a_call_waiting_on_an_identical_one_is_answered_however_admissions_interleave() -> None:
+    """A and B ask the same thing; A is admitted first and leads, D arrives and waits on A, then
+    B is admitted: B must go on alone, not take the flight over, or D waits for ever."""
+    from rlmq.lmhandler.backends import Backend, BackendRequest, Completion
+    from rlmq.lmhandler.pipeline import Model, Pipeline
+    from rlmq.lmhandler.stats import ServerStats
+    from rlmq.lmhandler.testing import echo_model
+    from rlmq.protocol import ChatMessage, CompleteRequest
+
+    release = asyncio.Event()
+    sent: list[str] = []
+
+    class Held(Backend):
+        @property
+        def answers_at_once(self) -> bool:
+            return False
+
+        async def complete(self, request: BackendRequest) -> Completion:
+            sent.append(request.messages[-1].content)
+            await release.wait()
+            return Completion("the answer", "held", Usage(3, 2))
+
+    config = parse_config({"models": {"m": echo_model(cache_entries=10)}})
+    state = _GatedAdmission()
+    await state.run_open("r", RunLimits(max_calls=10), None)
+    replies: dict[str, dict[str, object]] = {}
+    pipeline = Pipeline(
+        config,
+        {"m": Model(config.models["m"], Held(), state)},
+        state.runs,
+        ServerStats(),
+        loop=asyncio.get_running_loop(),
+        reply=lambda _env, payload: replies.__setitem__(
+            str(unpack(bytes(payload))["id"]), unpack(bytes(payload))
+        ),
+        fail=lambda _env, rid, exc: pytest.fail(f"{rid} failed: {exc}"),
+        state=state,
+    )
+    same = (ChatMessage("user", "same question"),)
+
+    async def turns(n: int = 20) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0)
+
+    for rid in ("A", "B", "D"):
+        state.gates[rid] = asyncio.Event()
+    pipeline.submit([b"a"], CompleteRequest("A", "m", same, run="r"))
+    pipeline.submit([b"b"], CompleteRequest("B", "m", same, run="r"))
+    await turns()
+    state.gates["A"].set()  # A is admitted and leads the flight
+    await turns()
+    assert sent == ["same question"]
+    pipeline.submit([b"d"], CompleteRequest("D", "m", same, run="r"))  # waits on A's flight
+    await turns()
+    state.gates["B"].set()  # B is admitted after D started waiting
+    await turns()
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*pipeline.tasks), 10)
+    assert sorted(replies) == ["A", "B", "D"]
+    assert replies["D"]["cached"] is True
+    assert pipeline.stats.in_flight == 0
