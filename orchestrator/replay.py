@@ -135,8 +135,8 @@ class Recording:
         self.calls = self._model_calls()
         self.sub_calls: dict[Key, list[SubCall]] = {}
         for e in self.events:
-            if e.get("event") != "sub_call" or e.get("diverged") or e.get("replayed"):
-                continue  # a replay's own answers are recorded elsewhere; diverged ones have none
+            if e.get("event") != "sub_call" or e.get("replayed") or not _answered(e):
+                continue  # a replay's own answers are recorded elsewhere; a not_recorded one has none
             try:
                 call = SubCall.from_wire(e)
             except DecodeError as exc:
@@ -234,11 +234,12 @@ class Recording:
         return replay
 
     def spent(self) -> dict[str, Any]:
-        """What the recorded part cost: its model calls and the sub-calls that went to a handler."""
+        """What the recorded part cost, as the handler counted it: its model calls and the
+        sub-calls the handler admitted (``_paid``), live in the first run or in a resumed part."""
         calls = input_tokens = output_tokens = 0
         cost = 0.0
         for e in self.events:
-            if e.get("event") not in ("model_call", "sub_call") or e.get("replayed") or e.get("diverged"):
+            if e.get("event") not in ("model_call", "sub_call") or not _paid(e):
                 continue
             calls += 1
             u = _usage(e.get("usage"))
@@ -306,6 +307,51 @@ class Recording:
 
     def plan(self, *, live: bool, resume: dict[str, Any] | None = None) -> RunReplay:
         return RunReplay(self.sub_call_replay(live=live), resume)
+
+
+# Errors a call gets before the handler reserves it in its run (lmhandler/pipeline.py: the
+# request is checked, the prompt measured against the window, then the run's budget admits it),
+# or that the pool gives without sending it: the run's ``calls`` does not count them. An error
+# after admission (backend_error, rate_limited, timeout, unavailable, internal...) is a counted,
+# failed call. Where a code can come from either side (unavailable, internal, timeout), the call
+# is counted: a resumed run's limits err on the side of spending less, never more.
+_NOT_ADMITTED = frozenset(
+    {
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.UNKNOWN_OP,
+        ErrorCode.UNKNOWN_MODEL,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.OVERLOADED,
+        ErrorCode.BUDGET_EXCEEDED,
+        ErrorCode.RUN_CLOSED,
+        ErrorCode.UNKNOWN_RUN,
+        ErrorCode.NOT_RECORDED,
+    }
+)
+
+
+def _error_code(e: Mapping[str, Any]) -> str | None:
+    error = e.get("error")
+    if not isinstance(error, Mapping):
+        return None
+    return str(error.get("code"))
+
+
+def _answered(e: Mapping[str, Any]) -> bool:
+    """Whether a sub_call record holds an answer (text or the handler's error) to give back: every
+    one but a replay's ``not_recorded``, which was never sent."""
+    return _error_code(e) != ErrorCode.NOT_RECORDED
+
+
+def _paid(e: Mapping[str, Any]) -> bool:
+    """Whether the handler counted this model_call or sub_call event in its run's ``calls``:
+    not a replayed answer (never sent), not a cache hit (free: ``cached_calls``), not refused
+    before admission."""
+    if e.get("replayed") or e.get("cached") is True:
+        return False
+    return _error_code(e) not in _NOT_ADMITTED
 
 
 def _block_key(e: Mapping[str, Any]) -> Key:

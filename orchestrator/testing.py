@@ -697,7 +697,11 @@ class InMemorySession:
             started_ms=round((started - self._started) * 1000, 3),
             latency_ms=round((now - started) * 1000, 3),
             replayed=replayed,
-            diverged=replay is not None and not replayed and not replay.live,
+            # As the pool does: no matching answer, and under live replay only when one was
+            # recorded at this seq (a changed prompt); a call past the recording is plain live.
+            diverged=replay is not None
+            and not replayed
+            and (not replay.live or any(c.seq == seq for c in replay.calls)),
         )
 
     def _rlm_query(self, prompt: str, context: Any = None) -> str:

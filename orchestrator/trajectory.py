@@ -73,7 +73,9 @@ class Trajectory:
             self._started = now
         record = {"event": event, "t": round(now - self._started, 4), **fields}
         self.events.append(record)
-        if self.skip:
+        # A sub-call that went live (not answered from the recording) is news even when its key
+        # matches a recorded one (same seq, a changed prompt): it was paid, so it is written.
+        if self.skip and not (event == "sub_call" and not fields.get("replayed")):
             key = event_key(record)
             left = self.skip.get(key, 0)
             if left:

@@ -197,8 +197,10 @@ class ExecRecording:
                 wake = self._release(self._record(call, given, now, replayed=True))
                 answer = _replay_answer(rid, call.model, recorded)
             else:
-                call.diverged = True
-                self.diverged += 1
+                # Past the end of a live replay (a cut block going on): a plain live call. A call
+                # whose prompt differs from its record diverged, live or not.
+                call.diverged = recorded is not None or not self._live
+                self.diverged += call.diverged
                 if self._live:
                     self._open[rid] = call
                     return None

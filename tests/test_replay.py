@@ -393,3 +393,63 @@ def test_replay_without_a_config_starts_private_services_from_a_built_in_offline
     assert verdict["sub_calls_replayed"] == 3
     assert "built-in offline config" in done.stderr
     assert list(elsewhere.iterdir()) == []  # nothing written where it ran
+
+
+def test_spent_counts_what_the_handler_counted() -> None:
+    """A resumed run's limits are less what the handler counted in ``calls``: admitted calls,
+    failed or not; never a cache hit (free), a refusal before admission, or a replayed answer."""
+
+    def sub(
+        seq: int, *, usage: int = 0, cost: float = 0.0, code: str | None = None, **flags: Any
+    ) -> dict[str, Any]:
+        error = None if code is None else {"code": code, "message": code, "retryable": False}
+        return {
+            "event": "sub_call",
+            "level": "0",
+            "iteration": 1,
+            "block": 0,
+            "seq": seq,
+            "model": "sub",
+            "depth": 1,
+            "prompt": f"p{seq}",
+            "prompt_tail": None,
+            "prompt_chars": 2,
+            "prompt_sha256": f"{seq:064x}",
+            "text": None if code else "ok",
+            "usage": {"input_tokens": usage, "output_tokens": usage},
+            "cost_usd": cost,
+            "cached": flags.get("cached", False),
+            "error": error,
+            "started_ms": 0.0,
+            "latency_ms": 1.0,
+            "replayed": flags.get("replayed", False),
+            "diverged": flags.get("diverged", False),
+        }
+
+    root = {"event": "model_call", "level": "0", "depth": 0, "iteration": 1, "purpose": "iteration"}
+    events = [
+        {"event": "run_start", "schema": 2, "run": "s", "query": "q", "t": 0.0},
+        {**root, "usage": {"input_tokens": 100, "output_tokens": 10}, "cost_usd": 0.5},
+        {**root, "usage": {"input_tokens": 0, "output_tokens": 0}, "cached": True},  # a cache hit: free
+        sub(0, usage=1, cost=0.01),  # paid
+        sub(1, cached=True),  # a cache hit
+        sub(2, code="budget_exceeded"),  # refused at admission
+        sub(3, code="too_large"),  # refused before admission
+        sub(4, code="run_closed"),
+        sub(5, code="backend_error"),  # admitted, then failed: counted, nothing spent
+        sub(6, code="not_recorded", diverged=True),  # a replay's: never sent
+        sub(7, usage=5, replayed=True),  # answered from a recording
+        sub(8, usage=2, cost=0.02, diverged=True),  # a changed prompt sent live under a resume: paid
+        {"event": "exec_end", "level": "0", "iteration": 1, "block": 0, "t": 2.5},
+    ]
+    recording = Recording(events)
+    assert recording.spent() == {
+        "calls": 4,  # the first root call, sub-calls 0, 5 and 8
+        "input_tokens": 103,
+        "output_tokens": 13,
+        "cost_usd": 0.53,
+        "elapsed_s": 2.5,
+    }
+    # Every record with an answer is offered back, the changed prompt's too; not_recorded is none.
+    offered = sorted(c.seq for c in recording.sub_calls[("0", 1, 0)])
+    assert offered == [0, 1, 2, 3, 4, 5, 8]

@@ -19,7 +19,7 @@ import pytest
 
 from rlmq.orchestrator import run_cli
 from rlmq.orchestrator.loop import RLM
-from rlmq.orchestrator.replay import Recording, resume_on
+from rlmq.orchestrator.replay import Recording, replay_on, resume_on
 from rlmq.orchestrator.settings import RunSettings
 from rlmq.orchestrator.testing import InMemorySandbox, ScriptedModelClient
 from rlmq.orchestrator.trajectory import Trajectory, event_key, read_events
@@ -206,6 +206,80 @@ async def test_a_run_that_ended_by_an_error_is_resumed_and_ends_again(tmp_path: 
     run_ends = [e for e in events if e["event"] == "run_end"]
     assert [(e["stop_reason"], e["answer"]) for e in run_ends] == [("error", ""), ("final", answer)]
     assert Recording.load(path).finished is not None  # now it has ended for good
+
+
+async def _resume(path: Path, run_id: str, root: list[str]) -> tuple[str, ScriptedModelClient]:
+    recording = Recording.load(path)
+    live = ScriptedModelClient()
+    live.script(run_id, root)
+    trajectory = Trajectory(path, append=True, t_offset_s=float(recording.events[-1]["t"]))
+    try:
+        result = await resume_on(
+            recording, CONTEXT, live=live, sandbox=InMemorySandbox(live), trajectory=trajectory, run_id=run_id
+        )
+    finally:
+        trajectory.close()
+    return result.answer, live
+
+
+def _as_the_pool_wrote_them(path: Path, live_seqs: set[int]) -> None:
+    """Mark the resumed part's live sub-call records ``diverged``, as the pool wrote calls past
+    the end of a cut block before they were plain live calls (and still writes a call whose prompt
+    changed): sent to the handler and paid all the same."""
+    lines = path.read_text().splitlines(keepends=True)
+    resumed = next(i for i, line in enumerate(lines) if json.loads(line)["event"] == "resume")
+    out = lines[: resumed + 1]
+    for line in lines[resumed + 1 :]:
+        e = json.loads(line)
+        if e["event"] == "sub_call" and e["seq"] in live_seqs:
+            assert not e["replayed"]
+            assert e["error"] is None
+            e["diverged"] = True
+            line = json.dumps(e) + "\n"
+        out.append(line)
+    path.write_text("".join(out))
+
+
+async def test_a_second_resume_gets_the_first_resumes_live_answers_and_counts_what_they_spent(
+    tmp_path: Path,
+) -> None:
+    answer = await record(tmp_path / "whole.jsonl", "whole")
+    path = tmp_path / "t.jsonl"
+    await record(path)
+    cut_after_sub_calls(path, 3)
+    first, _ = await _resume(path, "t-r1", ROOT[2:])
+    assert first == answer
+    _as_the_pool_wrote_them(path, {3, 4, 5, 6, 7})
+    # The resumed run is cut again after 6 sub-call records: 3 recorded first, 3 paid by the resume.
+    cut_after_sub_calls(path, 6)
+    recording = Recording.load(path)
+    spent = recording.spent()
+    assert spent["calls"] == 2 + 6  # two root calls and every sub-call a handler answered
+    subs = [e for e in recording.events if e["event"] == "sub_call"]
+    assert spent["input_tokens"] == sum(e["usage"]["input_tokens"] for e in subs) + sum(
+        e["usage"]["input_tokens"] for e in recording.events if e["event"] == "model_call"
+    )
+    assert sorted(c.seq for calls in recording.sub_calls.values() for c in calls) == list(range(6))
+
+    second, live = await _resume(path, "t-r2", ROOT[2:])
+    assert second == answer
+    sent = sorted(r.last_user for r in live.requests_for(model="sub"))
+    assert sent == ["say line 6", "say line 7"]  # the first resume's answers are given back
+    assert live._runs["t-r2"].limits.max_calls == 100 - 8
+
+
+async def test_a_resumed_run_replays_offline_without_a_divergence(tmp_path: Path) -> None:
+    answer = await record(tmp_path / "whole.jsonl", "whole")
+    path = tmp_path / "t.jsonl"
+    await record(path)
+    cut_after_sub_calls(path, 3)
+    assert (await _resume(path, "t-r1", ROOT[2:]))[0] == answer
+    _as_the_pool_wrote_them(path, {3, 4, 5, 6, 7})
+    silent = ScriptedModelClient(scripted=())  # records any request: there must be none
+    report = await replay_on(Recording.load(path), CONTEXT, InMemorySandbox(silent), Trajectory(None))
+    assert report.divergence is None, report.divergence
+    assert report.result.answer == answer
+    assert silent.requests == []
 
 
 # ---------------------------------------------------------------- real processes

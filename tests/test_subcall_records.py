@@ -364,14 +364,36 @@ async def test_replay_live_sends_unmatched_calls_to_the_handler(svc: Services) -
     )
     assert result.stdout == "['a', 'b', 'c'] d\ne f\n"
     assert svc.requests() == before + 3  # d, e and f went live
+    # Past the end of the recording is not a divergence: the block simply goes on live.
     assert [(r.replayed, r.diverged, r.text) for r in records] == [
         (True, False, "a"),
         (True, False, "b"),
         (True, False, "c"),
-        (False, True, "d"),
-        (False, True, "e"),
-        (False, True, "f"),
+        (False, False, "d"),
+        (False, False, "e"),
+        (False, False, "f"),
     ]
+    await session.close()
+
+
+async def test_replay_live_sends_a_changed_call_and_marks_it_diverged(svc: Services) -> None:
+    _, recorded = await _recorded(svc, BATCH_CODE, "rep-3c")
+    before = svc.requests()
+    session = await svc.open("rep-3d")
+    records = Records()
+    code = BATCH_CODE.replace("'b'", "'B'")
+    result = ok(
+        await session.exec(code, on_sub_call=records, record_chars=1000, replay=Replay(recorded, live=True))
+    )
+    assert result.stdout == "['a', 'B', 'c'] d\n"
+    assert svc.requests() == before + 1  # only the changed call was sent (and paid)
+    assert [(r.replayed, r.diverged, r.text) for r in records] == [
+        (True, False, "a"),
+        (False, True, "B"),
+        (True, False, "c"),
+        (True, False, "d"),
+    ]
+    assert records[1].error is None
     await session.close()
 
 

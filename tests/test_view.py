@@ -32,7 +32,7 @@ from rlmq.orchestrator.trajectory import Trajectory
 from rlmq.view import cli as view_cli
 from rlmq.view.page import render_page
 from rlmq.view.server import ViewServer, serving
-from rlmq.view.tail import newest_run, parse_lines, read_from
+from rlmq.view.tail import newest_run, parse_lines, read_from, read_lines
 from tests.conftest import requires
 
 CHROMIUM = "/usr/bin/chromium"
@@ -250,6 +250,34 @@ def test_read_from_cuts_at_the_chunk_size_but_returns_a_long_line_whole(tmp_path
     assert chunk.offset == path.stat().st_size
 
 
+def test_read_lines_notices_a_file_rewritten_in_place_that_grew_past_the_offset(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_text('{"event": "run_start", "run": "a"}\n{"event": "ask"}\n', encoding="utf-8")
+    first = read_lines(path, 0)
+    assert first.generation
+    # Rewritten in place (same inode) by another run, and already longer than what was read.
+    with path.open("r+b") as f:
+        f.truncate(0)
+        f.write(b'{"event": "run_start", "run": "b"}\n' + b'{"event": "model_call", "n": 12345}\n' * 3)
+    assert not read_lines(path, first.offset).reset  # the offset alone cannot tell
+    again = read_lines(path, first.offset, generation=first.generation)
+    assert again.reset
+    assert parse_lines(again.data)[0][0] == {"event": "run_start", "run": "b"}
+    assert again.generation != first.generation
+    # Appending keeps the generation: no reset.
+    with path.open("ab") as f:
+        f.write(b'{"event": "run_end"}\n')
+    more = read_lines(path, again.offset, generation=again.generation)
+    assert not more.reset
+    assert parse_lines(more.data)[0] == [{"event": "run_end"}]
+    assert more.generation == again.generation
+    # Replaced by another file with the same first line (a new inode): a new generation too.
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(path.read_bytes() + b'{"event": "extra"}\n')
+    os.replace(other, path)
+    assert read_lines(path, more.offset, generation=more.generation).reset
+
+
 def test_newest_run(tmp_path: Path) -> None:
     assert newest_run(tmp_path / "nowhere") is None
     assert newest_run(tmp_path) is None
@@ -299,12 +327,42 @@ async def test_events_endpoint_follows_appended_lines(tmp_path: Path) -> None:
 
             async with http.get(url + "events", params={"offset": "-1"}) as r:
                 assert r.status == 400
+            for bad in ({"offset": "inf"}, {"offset": "nan"}, {"offset": "-inf"}, {"wait": "nan"}):
+                async with http.get(url + "events", params=bad) as r:
+                    assert r.status == 400, bad
             async with http.get(url + "events", headers={"Host": "evil.example:80"}) as r:
                 assert r.status == 403  # DNS rebinding: only loopback names are served
             async with http.get(url) as r:
                 page = await r.text()
             assert r.status == 200
             assert '"events_url":"events"' in page
+    finally:
+        await server.stop()
+
+
+async def test_events_endpoint_restarts_a_page_when_the_file_was_rewritten_past_its_offset(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_text('{"event": "run_start", "run": "a"}\n', encoding="utf-8")
+    server = ViewServer(path)
+    url = await server.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "events", params={"offset": "0", "gen": ""}) as r:
+                await r.read()
+                offset, gen = r.headers["X-Rlmq-Offset"], r.headers["X-Rlmq-Generation"]
+            assert gen
+            # Another run rewrites the file in place, longer than what the page has read.
+            with path.open("r+b") as f:
+                f.truncate(0)
+                f.write(b'{"event": "run_start", "run": "b"}\n{"event": "ask", "query": "a longer one"}\n')
+            async with http.get(url + "events", params={"offset": offset, "gen": gen}) as r:
+                assert r.headers["X-Rlmq-Reset"] == "1"
+                events = parse_lines(await r.read())[0]
+                assert r.headers["X-Rlmq-Generation"] != gen
+            assert [e["event"] for e in events] == ["run_start", "ask"]
+            assert events[0]["run"] == "b"
     finally:
         await server.stop()
 

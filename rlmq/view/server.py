@@ -1,10 +1,12 @@
 """The viewer's HTTP server: the page, and the trajectory's events as the file grows.
 
-``GET /`` is the page; ``GET /events?offset=N&wait=S`` answers the whole lines of the file from
-byte ``N`` on, as they are (JSON lines), with headers ``X-Rlmq-Offset`` (where to ask from next),
-``X-Rlmq-Reset: 1`` (the file was rewritten: the lines start at 0), ``X-Rlmq-More: 1`` (cut at
-the size limit: ask again at once) and ``X-Rlmq-Exists``. When nothing new is there it holds
-the request up to ``wait`` seconds (long poll), so a page follows a live run without busy asking.
+``GET /`` is the page; ``GET /events?offset=N&gen=G&wait=S`` answers the whole lines of the file
+from byte ``N`` on, as they are (JSON lines), with headers ``X-Rlmq-Offset`` (where to ask from
+next), ``X-Rlmq-Generation`` (which file that offset is in: send it back as ``gen``),
+``X-Rlmq-Reset: 1`` (the file was rewritten, shorter or with another first line or inode than
+``gen`` names: the lines start at 0), ``X-Rlmq-More: 1`` (cut at the size limit: ask again at
+once) and ``X-Rlmq-Exists``. When nothing new is there it holds the request up to ``wait``
+seconds (long poll), so a page follows a live run without busy asking.
 Only loopback Host headers are served, so a web page elsewhere cannot read a trajectory through
 DNS rebinding.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -48,9 +51,12 @@ def _float(value: str | None, default: float, name: str) -> float:
     if value is None:
         return default
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise web.HTTPBadRequest(text=f"{name} must be a number, not {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number):  # inf reaches int() as an OverflowError, nan holds a wait forever
+        raise web.HTTPBadRequest(text=f"{name} must be a finite number, not {value!r}")
+    return number
 
 
 async def _page(request: web.Request) -> web.Response:
@@ -63,11 +69,14 @@ async def _events(request: web.Request) -> web.Response:
     if offset < 0:
         raise web.HTTPBadRequest(text="offset must be >= 0")
     wait_s = min(max(_float(request.query.get("wait"), 0.0, "wait"), 0.0), MAX_WAIT_S)
+    generation = request.query.get("gen") or None
     path, chunk_bytes, closing = request.app[PATH], request.app[CHUNK], request.app[CLOSING]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     while True:
-        lines = await asyncio.to_thread(read_lines, path, offset, max_bytes=chunk_bytes)
+        lines = await asyncio.to_thread(
+            read_lines, path, offset, max_bytes=chunk_bytes, generation=generation
+        )
         if lines.data or lines.reset or closing.is_set() or loop.time() >= deadline:
             break
         with contextlib.suppress(TimeoutError):  # timing out is the normal case: look at the file again
@@ -80,6 +89,7 @@ async def _events(request: web.Request) -> web.Response:
         headers={
             "Cache-Control": "no-store",
             "X-Rlmq-Offset": str(lines.offset),
+            "X-Rlmq-Generation": lines.generation,
             "X-Rlmq-Size": str(lines.size),
             "X-Rlmq-Reset": "1" if lines.reset else "0",
             "X-Rlmq-More": "1" if lines.more else "0",

@@ -4,15 +4,20 @@ A writer flushes one whole line at a time, but a reader can catch it mid-line (o
 that tore the last line). ``read_lines`` returns only whole lines and the byte offset just past
 the last one, so the next call picks the torn line up again once the writer has finished it.
 ``read_from`` is the same, parsed.
+
+An offset alone cannot tell a file rewritten in place that has grown past it again: each read
+also names the file's ``generation`` (its inode and a digest of its first line), and a read
+given the generation its offset came from starts over at 0 when the file's differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -63,6 +68,7 @@ class Lines:
     reset: bool = False  # the file shrank below the asked offset (rewritten): data starts at 0
     more: bool = False  # the size limit stopped the read: ask again at once for the rest
     exists: bool = True
+    generation: str = ""  # which file this is (``file_generation``); "" for a missing one
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +83,38 @@ class Chunk:
     more: bool = False
 
 
-def read_lines(path: str | Path, offset: int = 0, *, max_bytes: int = DEFAULT_CHUNK_BYTES) -> Lines:
+# A first line is digested up to this much: enough to tell two runs apart (run_start holds the
+# run's id), little to read again on every poll.
+_GENERATION_BYTES = 64 << 10
+
+
+def _generation(f: BinaryIO, st: os.stat_result) -> str:
+    """The generation of the open file ``f``: its device and inode (a file replaced by another)
+    and a digest of its first line (a file truncated and written again in place). A first line
+    not whole yet is left out: it cannot have been read, so nothing read before can be wrong."""
+    f.seek(0)
+    head = f.read(_GENERATION_BYTES)
+    newline = head.find(b"\n")
+    if newline >= 0:
+        head = head[: newline + 1]
+    elif len(head) < _GENERATION_BYTES:
+        head = b""
+    digest = hashlib.blake2b(head, digest_size=8).hexdigest() if head else "-"
+    return f"{st.st_dev:x}.{st.st_ino:x}.{digest}"
+
+
+def read_lines(
+    path: str | Path,
+    offset: int = 0,
+    *,
+    max_bytes: int = DEFAULT_CHUNK_BYTES,
+    generation: str | None = None,
+) -> Lines:
     """The whole lines of ``path`` from byte ``offset`` on, about ``max_bytes`` of them at most.
 
     A line longer than ``max_bytes`` is still returned whole. A missing file is empty, so a viewer
-    started before the run's first line waits for it.
+    started before the run's first line waits for it. ``generation``: the one of the read that
+    gave ``offset``; when the file's is another now (rewritten), the lines start at 0 (``reset``).
     """
     if offset < 0:
         raise ValueError(f"offset must be >= 0, not {offset}")
@@ -90,8 +123,10 @@ def read_lines(path: str | Path, offset: int = 0, *, max_bytes: int = DEFAULT_CH
     except FileNotFoundError:
         return Lines(b"", 0, 0, reset=offset > 0, exists=False)
     with f:
-        size = os.fstat(f.fileno()).st_size
-        reset = offset > size
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        current = _generation(f, st)
+        reset = offset > size or (offset > 0 and bool(generation) and generation != current)
         start = 0 if reset else offset
         f.seek(start)
         data = f.read(max_bytes)
@@ -106,10 +141,10 @@ def read_lines(path: str | Path, offset: int = 0, *, max_bytes: int = DEFAULT_CH
                 end = len(data) + newline
             data += more_data
     if end < 0:
-        return Lines(b"", start, size, reset=reset)
+        return Lines(b"", start, size, reset=reset, generation=current)
     new_offset = start + end + 1
     more = len(data) >= max_bytes and new_offset < size
-    return Lines(data[: end + 1], new_offset, size, reset=reset, more=more)
+    return Lines(data[: end + 1], new_offset, size, reset=reset, more=more, generation=current)
 
 
 def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], int]:

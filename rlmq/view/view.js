@@ -645,10 +645,12 @@
     if (!ended()) setStatus("not finished when written", "ended");
   } else {
     (async function follow() {
-      let offset = 0, wait = 0;
+      // gen: which file the offset is in, so a file rewritten in place and grown past it starts over.
+      let offset = 0, wait = 0, gen = "";
       for (;;) {
         try {
-          const r = await fetch(CONFIG.events_url + "?offset=" + offset + "&wait=" + wait, { cache: "no-store" });
+          const url = CONFIG.events_url + "?offset=" + offset + "&gen=" + encodeURIComponent(gen) + "&wait=" + wait;
+          const r = await fetch(url, { cache: "no-store" });
           if (!r.ok) throw new Error("HTTP " + r.status);
           const text = await r.text();
           if (r.headers.get("X-Rlmq-Reset") === "1") { reset(); open.clear(); closed.clear(); pages.clear(); folds.clear(); }
@@ -664,6 +666,7 @@
           if (events.length) feed(events);
           const next = r.headers.get("X-Rlmq-Offset");
           if (next !== null && next !== "") offset = Number(next);
+          gen = r.headers.get("X-Rlmq-Generation") || "";
           if (!ended()) setStatus(r.headers.get("X-Rlmq-Exists") === "1" ? "live" : "waiting for the file", "live");
           wait = r.headers.get("X-Rlmq-More") === "1" ? 0 : 20;
         } catch (err) {
