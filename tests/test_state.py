@@ -229,6 +229,11 @@ async def test_replays_off(state: State) -> None:
         await off.run_open("r", RunLimits(), None)
         await off.admit("r", None, "q", "m", 10, 5.0)
         await off.settle("r", "q", "m", Usage(3, 2), 0.0, reply_bytes("q"))
+        # No reply kept, but the id is still known as settled: settling it again (a retry whose
+        # first try did land) counts nothing twice.
+        await off.settle("r", "q", "m", Usage(3, 2), 0.0, reply_bytes("q"))
+        usage = await off.usage("r")
+        assert (usage.calls, usage.usage, usage.failed_calls) == (1, Usage(3, 2), 0)
         assert (await off.admit("r", None, "q", "m", 10, 5.0)).replay is None
     finally:
         await off.aclose()

@@ -20,6 +20,9 @@ from .base import Admission, CacheStore, Pacer, encode_replayed
 __all__ = ["MemoryState", "ReplayStore"]
 
 
+SETTLED_IDS = 100_000  # settled ids remembered when no replies are kept
+
+
 class ReplayStore:
     """The encoded replies of finished calls by (run, request id), for ``ttl_s`` and at most
     ``max_entries`` of them (the oldest go first)."""
@@ -66,6 +69,9 @@ class MemoryState:
         self.runs = runs if runs is not None else RunTable()
         # None: replays off (replay_ttl_s = 0).
         self.replays = ReplayStore(replay_ttl_s, replay_entries) if replay_ttl_s > 0 else None
+        # With replays off, the ids settled lately (this async interface only: the handler's
+        # in-process path settles each call once, inline).
+        self._settled: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     async def start(self) -> None:
         return None
@@ -105,6 +111,12 @@ class MemoryState:
         held = self.runs.find(run)
         if held is None or (self.replays is not None and (run, rid) in self.replays):
             return  # forgotten, or settled already
+        if self.replays is None:  # no replies kept: remember the id alone, as Redis does
+            if (run, rid) in self._settled:
+                return
+            self._settled[(run, rid)] = None
+            if len(self._settled) > SETTLED_IDS:
+                self._settled.popitem(last=False)
         held.finish(usage, cost_usd)
         if usage is not None and reply is not None and self.replays is not None:
             self.replays.put(run, rid, model, reply)

@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 RESERVATION_GRACE_MS = 5_000
 NANO = 1_000_000_000  # cost is kept in integer nano-USD: sums of floats drift, sums of ints do not
 MAX_BATCH = 1_000  # commands per pipeline
+# With replays off, how long a settled request id is still known as settled: past the pipeline's
+# background retries of a settlement (SETTLE_RETRY_S) and any reservation's expiry.
+SETTLED_MARK_MS = 600_000
 
 _PRELUDE = """
 local function now_ms()
@@ -230,7 +233,8 @@ return {'ok'}
 """
 )
 
-# KEYS: run, flight, done. ARGV: rid, ok (1/0), in, out, cr, cw, cost (nano), kept, replay_ttl_ms.
+# KEYS: run, flight, done. ARGV: rid, ok (1/0), in, out, cr, cw, cost (nano), kept, replay_ttl_ms,
+# settled_mark_ms.
 _SETTLE = """
 local run, fl, done = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('EXISTS', run) == 0 then return 0 end
@@ -249,7 +253,13 @@ redis.call('HINCRBY', run, 'out', ARGV[4])
 redis.call('HINCRBY', run, 'cr', ARGV[5])
 redis.call('HINCRBY', run, 'cw', ARGV[6])
 redis.call('HINCRBY', run, 'cost', ARGV[7])
-if tonumber(ARGV[9]) > 0 then redis.call('SET', done, ARGV[8], 'PX', ARGV[9]) end
+if tonumber(ARGV[9]) > 0 then
+  redis.call('SET', done, ARGV[8], 'PX', ARGV[9])
+else
+  -- replays off: still mark the id settled (no reply kept; admission ignores the mark), so a
+  -- second settlement of it (a retry whose first try did land, or a taken-over call) counts once
+  redis.call('SET', done, '-', 'PX', ARGV[10])
+end
 return 1
 """
 
@@ -600,7 +610,7 @@ class RedisState:
     ) -> None:
         base, flight = self._run_keys(run)
         if usage is None:
-            args: list[Any] = [rid, 0, 0, 0, 0, 0, 0, b"", 0]
+            args: list[Any] = [rid, 0, 0, 0, 0, 0, 0, b"", 0, SETTLED_MARK_MS]
         else:
             kept = model.encode() + b"\0" + bytes(reply) if reply is not None else b""
             args = [
@@ -613,6 +623,7 @@ class RedisState:
                 round(cost_usd * NANO),
                 kept,
                 self._replay_ms if reply is not None else 0,
+                SETTLED_MARK_MS,
             ]
         await self._eval(self._settle, (base, flight, self._done_key(run, rid)), args)
 
