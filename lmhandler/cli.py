@@ -10,7 +10,7 @@ import os
 import signal
 
 from rlmq.protocol import tracing
-from rlmq.protocol.hostport import bind_error
+from rlmq.protocol.hostport import add_metrics_bind, bind_error
 from rlmq.protocol.security import CurveError, server_keys_from_env
 
 from .config import ConfigError, load_config
@@ -49,13 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve only calls that name a run opened on this handler (the same as [handler] "
         "allow_anonymous = false; the default refuses them only when CURVE keys are set)",
     )
-    parser.add_argument(
-        "--metrics-bind",
-        metavar="HOST:PORT",
-        default=None,
-        help="also serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (port 0 picks a free "
-        "port; the URL is printed before the ready line). docs/observability.md lists them",
-    )
+    add_metrics_bind(parser)
     parser.add_argument(
         "--otlp-endpoint",
         metavar="URL",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rlmq.protocol.metrics import MetricsServer, histogram
+from rlmq.protocol.metrics import MetricsServer, by_label, histogram
 
 from .server import Handler
 from .shaping import CircuitBreaker
@@ -110,16 +110,13 @@ class HandlerCollector(Collector):
         yield CounterMetricFamily(
             P + "messages_dropped", "unreadable messages with no id to answer", value=server.dropped
         )
-        by_op = CounterMetricFamily(P + "requests_by_op", "decoded requests, by op", labels=["op"])
-        for op, n in server.by_op.items():
-            by_op.add_metric([op], n)
-        yield by_op
-        error_replies = CounterMetricFamily(
-            P + "error_replies", "error replies sent for any op, by wire error code", labels=["code"]
+        yield by_label(P + "requests_by_op", "decoded requests, by op", "op", server.by_op.items())
+        yield by_label(
+            P + "error_replies",
+            "error replies sent for any op, by wire error code",
+            "code",
+            server.errors.items(),
         )
-        for code, n in server.errors.items():
-            error_replies.add_metric([code], n)
-        yield error_replies
         yield GaugeMetricFamily(
             P + "in_flight", "complete calls being served now, all models", value=server.in_flight
         )

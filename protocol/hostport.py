@@ -5,9 +5,22 @@ aiohttp, which a service loads only when it serves metrics."""
 
 from __future__ import annotations
 
+import argparse
+
 from .errors import ConfigError
 
-__all__ = ["bind_error", "parse_bind"]
+__all__ = ["add_metrics_bind", "bind_error", "parse_bind"]
+
+
+def add_metrics_bind(parser: argparse.ArgumentParser) -> None:
+    """The ``--metrics-bind`` flag, the same on every service that serves metrics."""
+    parser.add_argument(
+        "--metrics-bind",
+        metavar="HOST:PORT",
+        default=None,
+        help="also serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (port 0 picks a free "
+        "port; the URL is printed before the ready line). docs/observability.md lists them",
+    )
 
 
 def parse_bind(text: str) -> tuple[str, int]:

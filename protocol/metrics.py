@@ -16,13 +16,23 @@ from collections.abc import Iterable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .errors import ConfigError
 from .hostport import parse_bind
 
-__all__ = ["MetricsServer", "histogram", "parse_bind"]
+__all__ = ["MetricsServer", "by_label", "histogram", "parse_bind"]
+
+
+def by_label(
+    name: str, documentation: str, label: str, counts: Iterable[tuple[str, int]]
+) -> CounterMetricFamily:
+    """A counter with one label, a sample per (value, count): requests by op, errors by code."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, n in counts:
+        family.add_metric([value], n)
+    return family
 
 
 def histogram(

@@ -9,7 +9,7 @@ import os
 import signal
 
 from rlmq.protocol import RlmqError, tracing
-from rlmq.protocol.hostport import bind_error
+from rlmq.protocol.hostport import add_metrics_bind, bind_error
 from rlmq.protocol.security import CurveError, client_keys_from_env, server_keys_from_env
 
 from .config import ConfigError, build_config, load_table
@@ -49,13 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(a private view of the filesystem). [sandbox] network = true gives workers the network "
         "back. docs/security.md says what each level stops",
     )
-    parser.add_argument(
-        "--metrics-bind",
-        metavar="HOST:PORT",
-        default=None,
-        help="also serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (port 0 picks a free "
-        "port; the URL is printed before the ready line). docs/observability.md lists them",
-    )
+    add_metrics_bind(parser)
     parser.add_argument(
         "--otlp-endpoint",
         metavar="URL",

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rlmq.protocol.metrics import MetricsServer, histogram
+from rlmq.protocol.metrics import MetricsServer, by_label, histogram
 
 from .pool import Pool
 from .supervisor import WorkerState
@@ -85,17 +85,9 @@ class PoolCollector(Collector):
             sub_calls.add_metric(["refused"], relay.refused)
             sub_calls.add_metric(["dropped"], relay.dropped)
         yield sub_calls
-        requests = CounterMetricFamily(P + "requests", "client requests, by op", labels=["op"])
-        for key, n in counters.items():
-            if key.startswith("op_"):
-                requests.add_metric([key[3:]], n)
-        yield requests
-        errors = CounterMetricFamily(
-            P + "error_replies", "error replies, by wire error code", labels=["code"]
-        )
-        for code, n in stats.errors.items():
-            errors.add_metric([code], n)
-        yield errors
+        ops = ((key[3:], n) for key, n in counters.items() if key.startswith("op_"))
+        yield by_label(P + "requests", "client requests, by op", "op", ops)
+        yield by_label(P + "error_replies", "error replies, by wire error code", "code", stats.errors.items())
 
 
 async def start_metrics(pool: Pool, bind: str) -> MetricsServer:
